@@ -54,12 +54,13 @@ class Concept:
     index: int = 0  # position in its file
     id: int | None = None
     source: str = ""
+    repeated: bool = False  # the name occurs at several locations in its set
     record: dict = field(default_factory=dict, repr=False)  # the full original record, extra fields included
 
     @property
     def label(self) -> str:
         """Unique within a set: the name, plus the location when a name repeats."""
-        return self.name if self.id is None else f"{self.name}#{self.id}"
+        return f"{self.name}#{self.id if self.id is not None else self.index}" if self.repeated else self.name
 
     def content_hash(self) -> str:
         return hashlib.sha256(canonical_json(self.record).encode()).hexdigest()[:16]
@@ -214,8 +215,7 @@ def parse(data, source: str = "<memory>") -> ConceptSet:
     for c in concepts:
         counts[c.name] = counts.get(c.name, 0) + 1
     for c in concepts:
-        if counts[c.name] > 1 and c.id is None:
-            c.id = c.index
+        c.repeated = counts[c.name] > 1
     return ConceptSet(concepts, source)
 
 
