@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 CACHE_ENV = "DISSECT_UNLEARNING_CACHE"
 # Bump when a change of code changes what an artefact contains: every key includes it.
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 
 
 def cache_root() -> Path:

@@ -45,6 +45,117 @@ def _cmd_answers(args) -> int:
     return 0
 
 
+def _book_overrides(pairs) -> dict:
+    from . import book
+
+    return dict(book.parse_assignment(a) for a in pairs or [])
+
+
+def _cmd_build(args) -> int:
+    from . import book
+
+    report = book.build(args.profile, only=args.only, overrides=_book_overrides(args.param), force=args.force,
+                        html=not args.no_html, output=args.output)
+    print(f"[book] {len(report.executed)} chapter(s) executed, {len(report.reused)} reused, "
+          f"{report.seconds:.1f} s in all")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from . import book
+
+    chapter = book.find_chapter(args.chapter)
+    if args.list_params:
+        print(book.describe_parameters(chapter))
+        return 0
+    report = book.build(args.profile, only=[chapter.stem], overrides=_book_overrides(args.param), force=args.force,
+                        html=not args.no_html, output=args.output)
+    run = report.runs[0]
+    print(f"[book] {chapter.stem}: {'reused' if run.reused else 'executed'} in {run.seconds:.1f} s; "
+          f"executed notebook: {run.notebook}")
+    return 0
+
+
+def _settings(args) -> dict:
+    """Unlearning settings from the explicit flags and --set NAME=VALUE (VALUE read as JSON, else a string)."""
+    out = {}
+    for pair in args.set or []:
+        if "=" not in pair:
+            raise ValueError(f"--set {pair!r}: expected NAME=VALUE")
+        name, value = pair.split("=", 1)
+        try:
+            out[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name.strip()] = value
+    for name in ("steps", "epochs", "lr", "batch_size", "chunk_tokens", "params", "seed", "retain_weight", "beta"):
+        if getattr(args, name, None) is not None:
+            out[name] = getattr(args, name)
+    if out.get("epochs") is not None and "steps" not in out:
+        out["steps"] = None
+    return out
+
+
+def _cmd_unlearn(args) -> int:
+    from . import pipeline
+
+    u = pipeline.unlearned(args.model, args.concepts, args.concept, args.method, progress=not args.quiet,
+                           **_settings(args))
+    curve = u.loss_curve
+    print(f"{u.method} on {u.concept!r} (retain {u.retain_concept!r}): {len(curve)} steps in {u.train_seconds:.1f} s; "
+          f"forget loss {curve.forget_loss.iloc[0]:.3f} -> {curve.forget_loss.iloc[-1]:.3f}; "
+          f"cache entry {u.size_bytes / 1e6:.1f} MB at {u.folder}")
+    if args.out:
+        print(f"wrote a Hugging Face checkpoint to {u.export(args.out)}")
+    return 0
+
+
+def _cmd_behaviour(args) -> int:
+    from . import pipeline
+
+    df = pipeline.behaviour(args.model, args.concepts, select=args.concept or None,
+                            methods=tuple(args.method or ("grad_diff", "dpo", "npo")),
+                            prompt_format=args.prompt_format, settings=_settings(args) or None,
+                            progress=not args.quiet)
+    if args.out:
+        df.to_parquet(args.out, index=False)
+        print(f"wrote {len(df)} rows to {args.out}")
+    table = df.pivot_table(index=["method", "split", "metric"], columns="stage", values="value", aggfunc="mean",
+                           sort=False)
+    print(table.round(3).to_string())
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from . import patching, pipeline
+
+    layers = None
+    if args.layers:
+        try:
+            layers = [int(x) for x in args.layers.replace(",", " ").split()]
+        except ValueError:
+            raise ValueError(f"--layers {args.layers!r}: give layer numbers, e.g. --layers 29 or --layers 27,28,29"
+                             ) from None
+    remote = {"none": False, "local": "local", "ndif": True}[args.remote]
+    try:
+        df = pipeline.sweep(args.vanilla, args.unlearned, args.concepts, args.concept, args.experiments.split(","),
+                            window=args.window, layers=layers, alignment=args.alignment,
+                            prompt_format=args.prompt_format, questions=args.questions, kind=args.kind,
+                            direction="reverse" if args.reverse else "forward", remote=remote)
+    except patching.RemoteUnavailableError as exc:
+        print(f"dissect-unlearning: error: {exc}", file=sys.stderr)
+        return 2
+    from pathlib import Path
+
+    pipeline._write_parquet(df, Path(args.out))  # atomic: a failed run leaves no half-written file
+    print(f"wrote {len(df)} rows to {args.out}")
+    summary = patching.aggregate(df, by=("experiment", "center_layer")).dropna(subset=["mean"])
+    for exp, grp in summary.groupby("experiment", sort=False):
+        best = grp.loc[grp["mean"].idxmax()]
+        print(f"{exp:<10} mean KRS {grp['mean'].mean():+.3f}; best window centred on layer {int(best.center_layer)}: "
+              f"{best['mean']:+.3f} [{best.ci_low:+.3f}, {best.ci_high:+.3f}]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dissect-unlearning", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -65,7 +176,86 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_cmd_answers)
 
     # (unlearn, sweep, build, run: added by their issues, below this line)
+    u = sub.add_parser("unlearn", help="unlearn one concept from a model by fine-tuning (cached)")
+    u.add_argument("--model", default="smollm2-135m")
+    u.add_argument("--concepts", default="builtin", help="'builtin', a JSON file, or hub:owner/dataset")
+    u.add_argument("--concept", required=True, help="the concept to unlearn (name, label or id)")
+    u.add_argument("--method", default="grad_diff", choices=["grad_ascent", "grad_diff", "npo", "dpo", "idk_dpo"])
+    _add_unlearning_flags(u)
+    u.add_argument("--out", help="also write a Hugging Face checkpoint folder (config, weights, tokenizer, "
+                   "unlearning.json) here")
+    u.set_defaults(func=_cmd_unlearn)
+
+    bh = sub.add_parser("behaviour", help="behavioural scores (BLEU, ROUGE-L, accuracy, perplexity) before and "
+                        "after unlearning (cached)")
+    bh.add_argument("--model", default="smollm2-135m")
+    bh.add_argument("--concepts", default="builtin", help="'builtin', a JSON file, or hub:owner/dataset")
+    bh.add_argument("--concept", action="append", help="restrict to this concept (repeatable; default: all)")
+    bh.add_argument("--method", action="append", choices=["grad_ascent", "grad_diff", "npo", "dpo", "idk_dpo"],
+                    help="unlearning method (repeatable; default: grad_diff, dpo, npo)")
+    bh.add_argument("--prompt-format", default="auto", choices=["auto", "paper", "chat"])
+    _add_unlearning_flags(bh)
+    bh.add_argument("--out", help="write the tidy table to this parquet file")
+    bh.set_defaults(func=_cmd_behaviour)
+
+    sw = sub.add_parser("sweep", help="activation patching / parameter restoration sweep on a vanilla-unlearned pair, "
+                        "scored by KRS (cached); writes a tidy parquet table (docs/sweep-schema.md)")
+    sw.add_argument("--vanilla", default="smollm2-135m", help="registry name or checkpoint folder")
+    sw.add_argument("--unlearned", required=True, help="checkpoint folder or model name of the unlearned model")
+    sw.add_argument("--concepts", default="builtin", help="'builtin', a JSON file, or hub:owner/dataset")
+    sw.add_argument("--concept", help="the concept whose questions are used (name, label or id)")
+    sw.add_argument("--experiments", default="coef,attn,coef+attn,value",
+                    help="comma-separated: coef, attn, coef+attn, value, key, mlp, layer")
+    sw.add_argument("--window", type=int, default=5, help="size of the window centred on every layer")
+    sw.add_argument("--layers", help="one explicit window instead, e.g. 29 or 27,28,29 (-1 = the last layer)")
+    sw.add_argument("--alignment", default="answer", choices=["answer", "paper"],
+                    help="scored positions: those predicting the answer, or the released code's rule")
+    sw.add_argument("--prompt-format", default="auto", choices=["auto", "paper", "chat"])
+    sw.add_argument("--questions", type=int, help="use only the first N questions")
+    sw.add_argument("--kind", default="target", choices=["target", "unrelated"])
+    sw.add_argument("--reverse", action="store_true", help="patch the unlearned model's window into the vanilla model")
+    sw.add_argument("--remote", default="none", choices=["none", "local", "ndif"],
+                    help="run the traces on NDIF (ndif, needs NDIF_API_KEY) or simulate that offline (local)")
+    sw.add_argument("--out", required=True, help="the parquet file to write")
+    sw.set_defaults(func=_cmd_sweep)
+
+    b = sub.add_parser("build", help="execute the chapters (papermill, cached) and build the HTML book in _build/html")
+    b.add_argument("--profile", default="default", help="profiles/<name>.yml or a path to a .yml (default: default)")
+    b.add_argument("--only", action="append", metavar="CHAPTER", help="execute only this chapter (repeatable); "
+                   "other pages keep their last build")
+    b.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
+                   help="override a parameter for every chapter that has it (value read as YAML)")
+    b.add_argument("--force", action="store_true", help="execute even chapters whose inputs did not change")
+    b.add_argument("--no-html", action="store_true", help="execute only; do not run Jupyter Book")
+    b.add_argument("--output", help="folder that receives _build/ (default: the project folder)")
+    b.set_defaults(func=_cmd_build)
+
+    r = sub.add_parser("run", help="re-execute one chapter with a profile and -p overrides, then rebuild the HTML")
+    r.add_argument("chapter", help="chapter: number (4), name (patching) or file stem (04_patching)")
+    r.add_argument("--profile", default="default", help="profiles/<name>.yml or a path to a .yml (default: default)")
+    r.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
+                   help="set a parameter of the chapter (value read as YAML: 3, true, null, [a, b])")
+    r.add_argument("--list-params", action="store_true", help="print the chapter's parameters and allowed values")
+    r.add_argument("--force", action="store_true", help="execute even if an identical run is cached")
+    r.add_argument("--no-html", action="store_true", help="execute only; do not run Jupyter Book")
+    r.add_argument("--output", help="folder that receives _build/ (default: the project folder)")
+    r.set_defaults(func=_cmd_run)
     return p
+
+
+def _add_unlearning_flags(p) -> None:
+    g = p.add_argument_group("unlearning settings (default: the method's defaults)")
+    g.add_argument("--steps", type=int)
+    g.add_argument("--epochs", type=float, help="passes over the forget set (instead of --steps)")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--batch-size", dest="batch_size", type=int)
+    g.add_argument("--chunk-tokens", dest="chunk_tokens", type=int)
+    g.add_argument("--params", help="all | mlp | last_k:K")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--retain-weight", dest="retain_weight", type=float)
+    g.add_argument("--beta", type=float)
+    g.add_argument("--set", action="append", metavar="NAME=VALUE", help="any other setting (value read as JSON)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(argv=None) -> int:

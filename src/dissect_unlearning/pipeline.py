@@ -78,3 +78,385 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
     buf = io.BytesIO()
     df.to_parquet(buf, index=False)
     cache.atomic_write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Unlearned models (issue 3)
+# --------------------------------------------------------------------------------------------------------------------
+def unlearned(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: str | int = 0, method: str = "grad_diff",
+              progress: bool = True, **settings):
+    """The model `model` with `concept` unlearned by `method` (cached; trained on first use).
+
+    `settings` override the method's defaults (see unlearning.UnlearnConfig). Returns an `Unlearned` handle:
+    .load() -> (model, tokenizer), .label, .method, .concept, .settings, .loss_curve, .folder, .identity(),
+    .size_bytes, .train_seconds. Two processes asking for the same model train it once (a lock); an interrupted run
+    leaves no entry.
+    """
+    from .unlearning import UnlearnConfig, artefact, data as unlearning_data
+
+    cset = concepts if isinstance(concepts, concepts_mod.ConceptSet) else load_concepts(concepts)
+    target = cset.get(concept)
+    config = UnlearnConfig.for_method(method, **settings)
+    config = config.replace(prompt_format=prompts.resolve_format(config.prompt_format, models.load_tokenizer(model)))
+    retain = unlearning_data.choose_retain(cset, target, config.seed, config.retain_concept)
+    inputs = {
+        "model": models.identity(model),
+        "concept": target.content_hash(),
+        "retain": retain.content_hash(),
+        "method": config.method,
+        "settings": config.to_dict(),
+        "unlearning_version": artefact.UNLEARNING_VERSION,
+    }
+
+    def build(folder: Path) -> None:
+        qa = {}
+        if config.forget_qa or config.retain_qa:  # the vanilla model's own answers are the forget / retain answers
+            qa = vanilla_qa(model, [target, retain], config.prompt_format, config.max_new_tokens, progress)
+        artefact.build(folder, model, target, retain, config, qa=qa.get(target.label),
+                       retain_qa=qa.get(retain.label), identity=inputs, progress=progress)
+
+    return artefact.Unlearned(cache.get_or_build("unlearned", inputs, build))
+
+
+def vanilla_qa(model: str, concept_list, prompt_format: str, max_new_tokens: int = 30, progress: bool = False
+               ) -> dict[str, list[tuple[str, list[int], list[int]]]]:
+    """{concept label: [(question, prompt_ids, answer_ids)]}: the vanilla answers to each concept's own questions."""
+    cset = concepts_mod.ConceptSet(list(concept_list), "")
+    df = answers(model, cset, prompt_format=prompt_format, max_new_tokens=max_new_tokens, include_unrelated=False,
+                 progress=progress)
+    out = {}
+    for c in cset:
+        rows = df[(df.concept == c.label) & (df.kind == "target")].sort_values("question_index")
+        out[c.label] = [(q, list(p), list(a)) for q, p, a in zip(rows.question, rows.prompt_ids, rows.answer_ids)]
+    return out
+
+
+BEHAVIOUR_COLUMNS = ["model", "concept", "method", "stage", "split", "metric", "value", "n", "retain_concept",
+                     "settings", "versions"]
+BEHAVIOUR_VERSION = "1"  # bump when the scoring below changes
+
+
+def behaviour(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None,
+              methods=("grad_diff", "dpo", "npo"), prompt_format: str = "auto", settings: dict | None = None,
+              progress: bool = True) -> pd.DataFrame:
+    """Behavioural scores of the vanilla and the unlearned models, one row per (concept, method, stage, split, metric).
+
+    stage: 'vanilla' | 'unlearned'. split / metrics: 'target' and 'unrelated' questions (BLEU and ROUGE-L of the answer
+    against the vanilla answer, accuracy against expected answers where the concept set has them), 'completion'
+    (ROUGE-L of greedy text completions), 'forget_text' and 'heldout_text' (perplexity; held-out = the forget texts of
+    two concepts used neither as forget nor as retain). `settings`: overrides for every method, or a dict
+    {method: overrides}. Each (concept, method) is cached on its own (kind 'behaviour').
+    """
+    from . import metrics
+
+    cset = concepts if isinstance(concepts, concepts_mod.ConceptSet) else load_concepts(concepts)
+    chosen = cset.select(select)
+    fmt = prompts.resolve_format(prompt_format, models.load_tokenizer(model))
+    van = answers(model, chosen, prompt_format=fmt, progress=progress)
+    expected = {q: alts for c in cset if c.answers for q, alts in zip(c.questions, c.answers)}
+    common = {"model": models.identity(model), "prompt_format": fmt, "version": BEHAVIOUR_VERSION,
+              "expected": cache.key("expected", expected), "max_new_tokens": 30}
+    vanilla_model: list = []  # loaded on first need
+
+    def scores(m, tok, c, heldout, generate: bool) -> pd.DataFrame:
+        rows = []
+        for split in ("target", "unrelated"):
+            v = van[(van.concept == c.label) & (van.kind == split)].sort_values("question_index")
+            refs, questions = list(v.answer_text), list(v.question)
+            texts = ([a.answer_text for a in prompts.generate_answers(m, tok, questions, fmt, 30, 16)]
+                     if generate else refs)
+            rows += [(split, "bleu", metrics.mean(map(metrics.bleu, texts, refs)), len(texts)),
+                     (split, "rougeL", metrics.mean(map(metrics.rouge_l, texts, refs)), len(texts))]
+            acc = [metrics.accuracy(t, expected[q]) for t, q in zip(texts, questions) if q in expected]
+            if acc:
+                rows.append((split, "accuracy", metrics.mean(acc), len(acc)))
+        if c.text_completion:
+            comp = metrics.completion_rouge(m, tok, c.text_completion)
+            rows.append(("completion", "rougeL", metrics.mean(comp), len(comp)))
+        rows.append(("forget_text", "perplexity", *metrics.perplexity(m, tok, [c.forget_text])))
+        if heldout:
+            rows.append(("heldout_text", "perplexity", *metrics.perplexity(m, tok, [h.forget_text for h in heldout],
+                                                                          max_tokens=256)))
+        return pd.DataFrame(rows, columns=["split", "metric", "value", "n"])
+
+    def cached(inputs: dict, compute) -> pd.DataFrame:
+        def build(folder: Path) -> None:
+            _write_parquet(compute(), folder / "scores.parquet")
+        return pd.read_parquet(cache.get_or_build("behaviour", inputs, build) / "scores.parquet")
+
+    frames = []
+    for c in chosen:
+        for method in methods:
+            overrides = dict(settings.get(method, {}) if settings and set(settings) <= set(_methods()) else
+                             settings or {})
+            overrides.setdefault("prompt_format", fmt)
+            u = unlearned(model, cset, c.label, method, progress=progress, **overrides)
+            heldout = [h for h in cset if h.name not in (c.name, cset.get(u.retain_concept).name)][:2]
+            place = {"concept": c.content_hash(), "heldout": [h.content_hash() for h in heldout]}
+
+            def vanilla_scores(c=c, heldout=heldout):
+                if not vanilla_model:
+                    vanilla_model.append(models.load(model))
+                return scores(*vanilla_model[0], c, heldout, generate=False)
+
+            def unlearned_scores(u=u, c=c, heldout=heldout):
+                m, tok = u.load()
+                return scores(m, tok, c, heldout, generate=True)
+
+            for stage, table in (("vanilla", cached({**common, **place, "stage": "vanilla"}, vanilla_scores)),
+                                 ("unlearned", cached({**common, **place, "stage": "unlearned",
+                                                       "unlearned": u.identity()}, unlearned_scores))):
+                table = table.assign(model=model, concept=c.label, method=u.label, stage=stage,
+                                     retain_concept=u.retain_concept,
+                                     settings=cache.canonical_json(u.settings),
+                                     versions=cache.canonical_json(u.record["versions"]))
+                frames.append(table[BEHAVIOUR_COLUMNS])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=BEHAVIOUR_COLUMNS)
+
+
+def _methods() -> tuple[str, ...]:
+    from .unlearning import METHODS
+
+    return METHODS
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Patching sweeps and layer changes (issue 4)
+# --------------------------------------------------------------------------------------------------------------------
+def sweep(vanilla: str = models.DEFAULT_MODEL, unlearned=None, concepts="builtin", concept=None,
+          experiments=("coef", "attn", "coef+attn", "value"), window: int = 5, layers=None, alignment: str = "answer",
+          prompt_format: str = "auto", questions: int | None = None, kind: str = "target",
+          direction: str = "forward", remote=False, progress: bool = True) -> pd.DataFrame:
+    """Patching / restoration sweep of one concept's questions on a vanilla/unlearned pair (cached, kind 'sweep').
+
+    unlearned: a model name or checkpoint folder; or a handle with .load() -> (model, tok) and .identity() -> dict
+    (what pipeline.unlearned returns); or an already loaded (model, tokenizer) tuple (then nothing is cached).
+    concept: name, label, id or index (may be left out when the set has one concept). kind: 'target' (the concept's
+    questions) or 'unrelated'. questions: use only the first N. layers: one explicit window (e.g. [-1]) instead of
+    the centred windows of size `window`. direction 'reverse' patches the unlearned model's window into the vanilla
+    model. remote: False, True (NDIF) or 'local'. One row per (experiment, window, question); columns:
+    patching.SWEEP_COLUMNS, described in docs/sweep-schema.md.
+    """
+    from . import patching
+
+    exps = [e.name for e in patching.experiments.get(experiments)]
+    patching.check_remote(remote, patching.experiments.get(exps))  # before any work
+    settings = _patching_settings(window, layers, alignment, kind, direction, questions)
+
+    def compute(pair, tok, rows):
+        table = patching.run(pair[0], pair[1], tok, _ids(rows.prompt_ids), _ids(rows.answer_ids), exps,
+                             window=window, layers=layers,
+                             alignment=alignment, direction=direction, remote=remote,
+                             progress="patching sweep" if progress else False)
+        return table
+
+    df, ctx = _pair_table("sweep", compute, vanilla, unlearned, concepts, concept, prompt_format, questions, kind,
+                          remote, {**settings, "experiments": exps}, progress)
+    rows = ctx["rows"].reset_index(drop=True)
+    local = df["question_index"].to_numpy()
+    df["question_index"] = rows["question_index"].to_numpy()[local]
+    df["question"] = rows["question"].to_numpy()[local]
+    df["text"] = [ctx["texts"][i] for i in local]
+    df["answer"] = rows["answer_text"].to_numpy()[local]
+    return df[patching.SWEEP_COLUMNS]
+
+
+def coef_change(vanilla: str = models.DEFAULT_MODEL, unlearned=None, concepts="builtin", concept=None,
+                prompt_format: str = "auto", questions: int | None = None, kind: str = "target", remote=False,
+                progress: bool = True) -> pd.DataFrame:
+    """How much unlearning changed each layer (cached, kind 'coef_change'): one row per (layer, quantity).
+
+    quantity: 'coef' / 'attn' (MLP coefficients / attention states on the answer positions of the concept's
+    questions), 'value' / 'key' / 'mlp' / 'layer' (weights); rel_change = ||unlearned - vanilla|| / ||vanilla||.
+    Arguments as for sweep(). Columns: concept, kind, layer, quantity, norm_vanilla, norm_diff, rel_change, and the
+    provenance columns of a sweep.
+    """
+    from .patching import change
+
+    def compute(pair, tok, rows):
+        return change.change(pair[0], pair[1], tok, _ids(rows.prompt_ids), _ids(rows.answer_ids), remote=remote)
+
+    settings = {"kind": kind, "questions": questions, "alignment": "answer"}
+    df, _ = _pair_table("coef_change", compute, vanilla, unlearned, concepts, concept, prompt_format, questions, kind,
+                        remote, settings, progress)
+    return df[["concept", "kind"] + change.CHANGE_COLUMNS + _PROVENANCE]
+
+
+_PROVENANCE = ["vanilla_model", "unlearned_model", "unlearned_identity", "alignment", "prompt_format", "remote",
+               "settings", "package_version", "torch_version", "transformers_version", "nnsight_version"]
+
+
+def _patching_settings(window, layers, alignment, kind, direction, questions) -> dict:
+    from . import patching
+
+    if alignment not in patching.ALIGNMENTS:
+        raise ValueError(f"unknown alignment {alignment!r}; valid: {', '.join(patching.ALIGNMENTS)}")
+    if direction not in patching.DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(patching.DIRECTIONS)}")
+    if layers is None:
+        patching.centred(1, window)  # validates the size
+    elif isinstance(layers, int):
+        layers = [layers]
+    return {"window": window if layers is None else None, "layers": None if layers is None else list(layers),
+            "alignment": alignment, "kind": kind, "direction": direction, "questions": questions}
+
+
+def _pair_table(kind_name: str, compute, vanilla, unlearned, concepts, concept, prompt_format, questions, kind,
+                remote, settings: dict, progress: bool):
+    """Shared by sweep and coef_change: resolve the pair and the questions, then compute (cached) and add provenance.
+
+    compute((vanilla_model, unlearned_model), tok, rows) -> DataFrame. Returns (table, context).
+    """
+    from . import patching
+
+    if kind not in ("target", "unrelated"):
+        raise ValueError(f"unknown kind {kind!r}; valid: target, unrelated")
+    if questions is not None and (not isinstance(questions, int) or isinstance(questions, bool) or questions < 1):
+        raise ValueError(f"questions must be a positive integer (use the first N questions), got {questions!r}")
+    if not isinstance(vanilla, str):
+        raise ValueError(f"vanilla must be a model name or checkpoint folder (str), got {type(vanilla).__name__}")
+    handle = _unlearned_handle(unlearned)
+    cset = concepts if isinstance(concepts, concepts_mod.ConceptSet) else load_concepts(concepts)
+    if concept is None:
+        if len(cset) != 1:
+            raise ValueError(f"concept: name the concept to use ({len(cset)} concepts in {cset.source}: "
+                             f"{', '.join(cset.names[:10])}{' ...' if len(cset) > 10 else ''})")
+        concept = 0
+    c = cset.get(concept)
+    tok = models.load_tokenizer(vanilla)
+    fmt = prompts.resolve_format(prompt_format, tok)
+    ans = answers(vanilla, concepts_mod.ConceptSet([c], cset.source), prompt_format=fmt,
+                  include_unrelated=(kind == "unrelated"), progress=progress)
+    rows = ans[(ans.concept == c.label) & (ans.kind == kind)].sort_values("question_index")
+    if questions is not None:
+        rows = rows.head(questions)
+    if rows.empty:
+        raise ValueError(f"concept {c.label!r} has no {kind} questions")
+    texts = [tok.decode(p + a) for p, a in zip(_ids(rows.prompt_ids), _ids(rows.answer_ids))]
+    provenance = {
+        "vanilla_model": vanilla, "unlearned_model": handle["label"],
+        "unlearned_identity": cache.canonical_json(handle["identity"]) if handle["identity"] else None,
+        "alignment": settings.get("alignment"), "prompt_format": fmt, "remote": str(remote),
+        "settings": cache.canonical_json(settings), **_versions(),
+    }
+
+    def make_table():
+        v_model, v_tok = models.load(vanilla)
+        u_model, u_tok = handle["load"]()
+        if len(u_tok) != len(v_tok):
+            raise ValueError(f"the unlearned model's tokenizer has {len(u_tok)} tokens, the vanilla one {len(v_tok)}: "
+                             f"the vanilla answers cannot be fed to both")
+        return compute((v_model, u_model), v_tok, rows)
+
+    if handle["identity"] is None:  # an in-memory model: nothing to key a cache entry on
+        u_model, _ = handle["load"]()
+        table = compute((models.load(vanilla)[0], u_model), tok, rows)
+    else:
+        inputs = {"vanilla": models.identity(vanilla), "unlearned": handle["identity"], "concept": c.content_hash(),
+                  "prompt_format": fmt, "remote": str(remote), "settings": settings,
+                  "patching_version": patching.PATCHING_VERSION}
+
+        def build(folder: Path) -> None:
+            _write_parquet(make_table(), folder / "table.parquet")
+
+        table = pd.read_parquet(cache.get_or_build(kind_name, inputs, build) / "table.parquet")
+    table = table.assign(concept=c.label, kind=kind, **provenance)
+    return table, {"rows": rows, "texts": texts, "concept": c}
+
+
+def _ids(column) -> list[list[int]]:
+    """Token id lists from a parquet column (numpy arrays) as plain Python ints."""
+    return [[int(t) for t in x] for x in column]
+
+
+def _unlearned_handle(unlearned) -> dict:
+    """{'label', 'identity' (None = do not cache), 'load'} for the three accepted forms of `unlearned`."""
+    if unlearned is None:
+        raise ValueError("unlearned: give the unlearned model (a model name or checkpoint folder, a handle from "
+                         "pipeline.unlearned, or a loaded (model, tokenizer) tuple)")
+    if isinstance(unlearned, (str, Path)):
+        name = str(unlearned)
+        return {"label": name, "identity": models.identity(name), "load": lambda: models.load(name)}
+    if isinstance(unlearned, tuple) and len(unlearned) == 2:
+        model, tok = unlearned
+        label = getattr(getattr(model, "config", None), "_name_or_path", "") or "<in-memory model>"
+        return {"label": f"{label} (in memory)", "identity": None, "load": lambda: (model.eval(), tok)}
+    if callable(getattr(unlearned, "load", None)) and callable(getattr(unlearned, "identity", None)):
+        parts = [str(getattr(unlearned, a)) for a in ("model", "concept", "method") if getattr(unlearned, a, None)]
+        return {"label": "/".join(parts) or type(unlearned).__name__, "identity": unlearned.identity(),
+                "load": unlearned.load}
+    raise ValueError(f"unlearned: expected a model name or checkpoint folder, a handle with .load() and "
+                     f".identity(), or a (model, tokenizer) tuple; got {type(unlearned).__name__}")
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    def version(dist):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"package_version": version("dissect-unlearning"), "torch_version": version("torch"),
+            "transformers_version": version("transformers"), "nnsight_version": version("nnsight")}
+
+
+RELEARN_COLUMNS = ["model", "concept", "method", "data", "step", "split", "metric", "value", "n", "settings"]
+
+
+def relearn(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: str | int = 0, method: str = "grad_diff",
+            steps=(0, 1, 2, 4, 8), data: str = "unrelated", lr: float = 1e-5, batch_size: int = 4,
+            prompt_format: str = "auto", settings: dict | None = None, progress: bool = True) -> pd.DataFrame:
+    """Target-question scores of an unlearned model after k steps of plain fine-tuning on other data (cached).
+
+    data='unrelated': the text of a concept neither forgotten nor retained; scored on all target questions.
+    data='partial': the first half of the target questions with vanilla answers; scored on the other half.
+    One row per (step, metric in {rougeL (vs vanilla answer), accuracy (vs expected, where known)}); step 0 = the
+    unlearned model itself. `settings` (a dict) choose the unlearned model, as in `unlearned`; lr and batch_size
+    are the relearning fine-tune's.
+    """
+    from . import metrics
+    from .unlearning import relearn as relearn_mod
+
+    if data not in relearn_mod.KINDS:
+        raise ValueError(f"relearning data must be one of {relearn_mod.KINDS}, got {data!r}")
+    cset = concepts if isinstance(concepts, concepts_mod.ConceptSet) else load_concepts(concepts)
+    target = cset.get(concept)
+    fmt = prompts.resolve_format(prompt_format, models.load_tokenizer(model))
+    u = unlearned(model, cset, target.label, method, progress=progress, **{"prompt_format": fmt, **(settings or {})})
+    retain = cset.get(u.retain_concept)
+    others = [c for c in cset if c.name not in (target.name, retain.name)]
+    if data == "unrelated" and not others:
+        raise ValueError("relearning data 'unrelated' needs a concept that is neither forgotten nor retained")
+    other = others[0] if others else None
+    van = answers(model, concepts_mod.ConceptSet([target], cset.source), prompt_format=fmt,
+                  max_new_tokens=u.config.max_new_tokens, include_unrelated=False, progress=progress)
+    van = van[van.kind == "target"].sort_values("question_index")
+    qa = [(q, list(p), list(a)) for q, p, a in zip(van.question, van.prompt_ids, van.answer_ids)]
+    inputs = {"unlearned": u.identity(), "data": data, "steps": sorted(set(int(k) for k in steps)), "lr": lr,
+              "batch_size": batch_size, "other": other.content_hash() if other else None, "version": "1"}
+
+    def build(folder: Path) -> None:
+        m, tok = u.load()
+        train, scored = relearn_mod.examples(tok, data, target, other, qa, u.config.chunk_tokens, u.config.max_length)
+        questions = [target.questions[i] for i in scored]
+        refs = [van.answer_text.iloc[i] for i in scored]
+
+        def evaluate(m, k):
+            texts = [a.answer_text for a in prompts.generate_answers(m, tok, questions, fmt, 30, 16)]
+            rows = [{"split": "target", "metric": "rougeL", "value": metrics.mean(map(metrics.rouge_l, texts, refs)),
+                     "n": len(texts)}]
+            if target.answers:
+                acc = [metrics.accuracy(t, target.answers[i]) for t, i in zip(texts, scored)]
+                rows.append({"split": "target", "metric": "accuracy", "value": metrics.mean(acc), "n": len(acc)})
+            return rows
+
+        rows = relearn_mod.relearn(m, tok, train, inputs["steps"], evaluate, lr=lr, batch_size=batch_size,
+                                   seed=u.config.seed, progress=progress)
+        _write_parquet(pd.DataFrame(rows), folder / "relearn.parquet")
+
+    df = pd.read_parquet(cache.get_or_build("relearn", inputs, build) / "relearn.parquet")
+    df = df.assign(model=model, concept=target.label, method=u.label, data=data,
+                   settings=cache.canonical_json(u.settings))
+    return df[RELEARN_COLUMNS]

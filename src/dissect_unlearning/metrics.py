@@ -1,0 +1,113 @@
+"""Behavioural scores, as plain callables: how much of the vanilla behaviour an unlearned model still shows.
+
+As in ConceptVectors: BLEU (nltk sentence BLEU, smoothing method 3, whitespace tokens) and ROUGE-L F (rouge-score) of
+an answer against the *vanilla model's* answer; plus accuracy against expected answers, ROUGE-L of a greedy text
+completion against the true continuation, and perplexity of a text. Maintained implementations only (nltk,
+rouge-score); this module only feeds them.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .concepts import answer_matches
+
+
+def bleu(candidate: str, reference: str) -> float:
+    """Sentence BLEU-4 of `candidate` against one `reference`, whitespace tokens, smoothing method 3 (0 if empty)."""
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    hyp, ref = candidate.split(), reference.split()
+    if not hyp or not ref:
+        return 0.0
+    return float(sentence_bleu([ref], hyp, smoothing_function=SmoothingFunction().method3))
+
+
+@functools.lru_cache(maxsize=1)
+def _rouge_scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"])
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F-measure of `candidate` against `reference` (rouge-score's tokeniser: lower case, alphanumerics)."""
+    return float(_rouge_scorer().score(reference, candidate)["rougeL"].fmeasure)
+
+
+def accuracy(answer: str, accepted: list[str]) -> float:
+    """1.0 if the answer contains one of the accepted answers (concepts.answer_matches), else 0.0."""
+    return float(answer_matches(answer, accepted))
+
+
+def mean(values) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+@torch.no_grad()
+def greedy_continuations(model, tok, texts: list[str], max_new_tokens: list[int] | int, batch_size: int = 8
+                         ) -> list[str]:
+    """Greedy continuation of each raw text (no chat template), at most max_new_tokens[i] tokens each."""
+    budgets = [max_new_tokens] * len(texts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = tok.eos_token_id
+    encoded = [tok(t)["input_ids"] for t in texts]
+    out: list[str] = [""] * len(texts)
+    for s in range(0, len(texts), batch_size):
+        idx = list(range(s, min(s + batch_size, len(texts))))
+        width = max(len(encoded[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(idx):
+            ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[r, width - len(encoded[i]):] = 1
+        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(budgets[i] for i in idx),
+                             do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos,
+                             temperature=None, top_p=None, top_k=None)
+        for r, i in enumerate(idx):
+            new = gen[r, width:width + budgets[i]].tolist()
+            if eos in new:
+                new = new[:new.index(eos)]
+            out[i] = tok.decode(new, skip_special_tokens=True).strip()
+    return out
+
+
+def completion_rouge(model, tok, items: list[dict], max_new_tokens: int = 48, batch_size: int = 8) -> list[float]:
+    """ROUGE-L of the greedy continuation of each First_half against its Second_half (budget: the true length)."""
+    budgets = [min(max_new_tokens, max(1, len(tok(it["Second_half"], add_special_tokens=False)["input_ids"])))
+               for it in items]
+    conts = greedy_continuations(model, tok, [it["First_half"] for it in items], budgets, batch_size)
+    return [rouge_l(c, it["Second_half"]) for c, it in zip(conts, items)]
+
+
+@torch.no_grad()
+def perplexity(model, tok, texts: list[str], max_tokens: int = 512, chunk_tokens: int = 256, batch_size: int = 4
+               ) -> tuple[float, int]:
+    """(perplexity, tokens scored) of the first `max_tokens` tokens of each text, scored in chunks."""
+    import torch.nn.functional as F
+
+    chunks = []
+    for t in texts:
+        ids = tok(t, add_special_tokens=False)["input_ids"][:max_tokens]
+        chunks += [ids[i:i + chunk_tokens] for i in range(0, len(ids), chunk_tokens) if len(ids[i:i + chunk_tokens]) > 1]
+    if not chunks:
+        return math.nan, 0
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    total, count = 0.0, 0
+    for s in range(0, len(chunks), batch_size):
+        batch = chunks[s:s + batch_size]
+        width = max(len(c) for c in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, c in enumerate(batch):  # right padding: positions are the plain 0..n-1
+            ids[r, :len(c)] = torch.tensor(c)
+            mask[r, :len(c)] = 1
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
+                                 reduction="sum").item()
+        count += int((labels != -100).sum())
+    return math.exp(total / count), count

@@ -1,0 +1,44 @@
+"""The dissection engine: activation patching and parameter restoration through nnsight, scored by KRS.
+
+For a vanilla model, an unlearned model (any second model of the same architecture) and a concept's questions with
+the vanilla answers (teacher forcing), restore something from one model in the other over a window of consecutive
+layers and score how much of the output comes back. See `experiments` (what is restored), `windows` (where),
+`batch` (the teacher-forced inputs and the scored positions), `score` (KRS, KL, top-1 agreement, aggregation), `engine` (the nnsight traces) and `restore` (parameter
+restoration that always undoes itself). The tidy table that pipeline.sweep writes is described by SWEEP_COLUMNS and
+docs/sweep-schema.md.
+
+    from dissect_unlearning import patching
+    table = patching.run(vanilla_model, unlearned_model, tok, prompt_ids, answer_ids,
+                         experiments=("coef", "attn", "coef+attn", "value"), window=5)
+    patching.aggregate(table, by=("experiment", "center_layer"))
+"""
+from .engine import (DIRECTIONS, ENGINE_COLUMNS, REMOTE_CHOICES, RemoteUnavailableError, check_pair, check_remote,
+                     run, wrap)
+from .experiments import EXPERIMENTS, PAPER_EXPERIMENTS, Experiment, parameter_names
+from .restore import restored_parameters
+from .batch import ALIGNMENTS, LAYOUTS, ScoringInputs, paper_counts, scoring_inputs
+from .score import Reference, aggregate, kl, krs, mse, top1_agree
+from .windows import Window, centred, explicit, windows
+
+# Bump when a change of this package changes the numbers of a sweep (part of every sweep's cache key).
+PATCHING_VERSION = "1"
+
+# The columns of a sweep table (pipeline.sweep / `dissect-unlearning sweep`), in order; docs/sweep-schema.md
+# describes each one.
+SWEEP_COLUMNS = [
+    # what was measured
+    "concept", "kind", "experiment", "direction", "window_size", "center_layer", "layers", "question_index",
+    "question", "text", "answer", "answer_positions", "n_positions",
+    # the scores
+    "loss_patched", "loss_unpatched", "krs", "kl", "kl_unpatched", "top1_agree", "top1_agree_unpatched",
+    # provenance
+    "vanilla_model", "unlearned_model", "unlearned_identity", "alignment", "prompt_format", "remote", "settings",
+    "package_version", "torch_version", "transformers_version", "nnsight_version",
+]
+
+__all__ = [
+    "ALIGNMENTS", "DIRECTIONS", "LAYOUTS", "Reference", "ScoringInputs", "ENGINE_COLUMNS", "EXPERIMENTS", "PAPER_EXPERIMENTS", "PATCHING_VERSION",
+    "REMOTE_CHOICES", "SWEEP_COLUMNS", "Experiment", "RemoteUnavailableError", "Window", "aggregate", "centred",
+    "check_pair", "check_remote", "explicit", "kl", "krs", "mse", "paper_counts", "parameter_names",
+    "restored_parameters", "run", "scoring_inputs", "top1_agree", "windows", "wrap",
+]

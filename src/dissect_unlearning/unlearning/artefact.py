@@ -1,0 +1,142 @@
+"""An unlearned model as a cache entry: the run's record (unlearning.json) + the weights as a delta from vanilla.
+
+Folder layout:
+    unlearning.json        settings, loss curve, timings, base-model identity, package versions
+    delta.json, plane*.zst the weights, stored losslessly relative to the vanilla model (see storage.py)
+`Unlearned` is the handle the pipeline returns; `.load()` rebuilds the exact model, `.export()` writes a standard
+Hugging Face checkpoint folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from .. import models
+from . import storage, trainer
+from .config import UnlearnConfig
+
+RECORD = "unlearning.json"
+# Bump when a change to the unlearning code changes the weights it produces (part of every cache key).
+UNLEARNING_VERSION = "1"
+
+
+def versions() -> dict:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("dissect-unlearning", "torch", "transformers", "tokenizers", "numpy", "zstandard"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def build(folder: Path, model_name: str, forget, retain, config: UnlearnConfig, qa=None, retain_qa=None,
+          identity: dict | None = None, progress: bool = True) -> dict:
+    """Train and store one unlearned model into `folder`; return its record."""
+    model, tok = models.load(model_name)
+    result = trainer.unlearn(model, tok, forget, retain, config, qa=qa, retain_qa=retain_qa, progress=progress)
+    t0 = time.time()
+    vanilla, _ = models.load(model_name)
+    manifest = storage.save_delta(model, vanilla, folder)
+    record = {
+        "format": "dissect-unlearning/unlearned-1",
+        "model": model_name,
+        "identity": identity,
+        "concept": forget.label,
+        "retain_concept": retain.label,
+        "method": config.method,
+        "settings": config.to_dict(),
+        "loss_curve": result.loss_curve,
+        "train_seconds": round(result.seconds, 2),
+        "reference_seconds": round(result.reference_seconds, 2),
+        "store_seconds": round(time.time() - t0, 2),
+        "n_steps": result.n_steps,
+        "n_forget": result.n_forget,
+        "n_trainable": result.n_trainable,
+        "storage": {"encoding": manifest["encoding"], "bytes": sum(manifest["plane_bytes"])},
+        "versions": versions(),
+        "torch_threads": _threads(),
+    }
+    (Path(folder) / RECORD).write_text(json.dumps(record, indent=1))
+    return record
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+class Unlearned:
+    """A cached unlearned model: its record, and `.load()` to get (model, tokenizer) back bit-exactly."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.record = json.loads((self.folder / RECORD).read_text())
+
+    model = property(lambda self: self.record["model"])
+    method = property(lambda self: self.record["method"])
+    concept = property(lambda self: self.record["concept"])
+    retain_concept = property(lambda self: self.record["retain_concept"])
+    settings = property(lambda self: dict(self.record["settings"]))
+    train_seconds = property(lambda self: self.record["train_seconds"])
+
+    @property
+    def label(self) -> str:
+        return self.method
+
+    @property
+    def config(self) -> UnlearnConfig:
+        return UnlearnConfig.from_dict(self.record["settings"])
+
+    @property
+    def loss_curve(self):
+        import pandas as pd
+
+        cols = ["step", "forget_loss", "retain_loss", "loss", "lr", "grad_norm", "seconds"]
+        return pd.DataFrame.from_records(self.record["loss_curve"], columns=cols)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())
+
+    def identity(self) -> dict:
+        """What determines this model, for downstream cache keys (the inputs of its own cache entry)."""
+        return dict(self.record["identity"] or {})
+
+    def load(self, verify: bool = True):
+        """(model, tokenizer) in eval mode: the vanilla model with the stored delta applied."""
+        model, tok = models.load(self.model)
+        storage.apply_delta(model, self.folder, verify=verify)
+        return model.eval(), tok
+
+    def export(self, out: str | Path) -> Path:
+        """Write a standard Hugging Face checkpoint folder (config, weights, tokenizer) + unlearning.json, atomically."""
+        out = Path(out).expanduser().resolve()
+        if out.exists() and any(out.iterdir()):
+            raise ValueError(f"--out {out}: the folder exists and is not empty")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        try:
+            model, tok = self.load()
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            shutil.copyfile(self.folder / RECORD, tmp / RECORD)
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return out
+
+    def __repr__(self) -> str:
+        return (f"Unlearned({self.method} on {self.concept!r} of {self.model}, retain {self.retain_concept!r}, "
+                f"{self.size_bytes / 1e6:.0f} MB at {self.folder})")

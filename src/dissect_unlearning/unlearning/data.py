@@ -1,0 +1,155 @@
+"""Forget, retain and chosen sets of an unlearning run, as token sequences with per-token loss labels.
+
+As in ConceptVectors: the forget set is the concept's forget text (its Wikipedia article) cut into chunks, here
+optionally plus its questions answered with the vanilla model's own answers (loss on the answer tokens only); the
+retain set is the text of one other concept, chosen by seed, repeated to the forget set's length, here optionally
+plus that concept's questions with vanilla answers - except any question the forget concept lists among its
+unrelated questions, which are the test of what unlearning should keep. Example i of the retain set (and of the
+chosen set, for DPO) is paired with example i of the forget set, text with text and question with question.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100  # label of a position that carries no loss (prompt tokens, padding)
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]  # labels[t] = input_ids[t] where token t is trained on, else IGNORE
+    source: str  # "text:<chunk>" or "qa:<question>", for people reading a batch
+
+
+@dataclass
+class UnlearningData:
+    forget: list[Example]
+    retain: list[Example]  # aligned with forget
+    chosen: list[Example] | None  # DPO's preferred side, aligned with forget (None for methods without one)
+    forget_concept: str
+    retain_concept: str
+
+
+@dataclass
+class Part:
+    """A right-padded batch of examples; `index` = their positions in the data set (to look up reference values)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+
+
+def text_chunks(tok, text: str, chunk_tokens: int) -> list[list[int]]:
+    """Consecutive chunks of `chunk_tokens` tokens; a short tail (under a quarter chunk) is dropped unless alone."""
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    chunks = [ids[i:i + chunk_tokens] for i in range(0, len(ids), chunk_tokens)]
+    if len(chunks) > 1 and len(chunks[-1]) < max(2, chunk_tokens // 4):
+        chunks.pop()
+    return [c for c in chunks if len(c) >= 2]  # one token predicts nothing
+
+
+def text_example(ids: list[int], source: str) -> Example:
+    return Example(tuple(ids), tuple(ids), source)
+
+
+def qa_example(prompt_ids: list[int], answer_ids: list[int], max_length: int, source: str) -> Example:
+    """Prompt + answer, loss on the answer; too long = cut the answer's tail, then the prompt's head."""
+    answer = list(answer_ids)[:max(1, max_length - len(prompt_ids))]
+    prompt = list(prompt_ids)[max(0, len(prompt_ids) + len(answer) - max_length):]
+    return Example(tuple(prompt + answer), tuple([IGNORE] * len(prompt) + answer), source)
+
+
+def choose_retain(concepts, forget, seed: int, name: str | None = None):
+    """The retain concept: `name` if given, else one chosen by `seed` among the concepts with another name.
+
+    Never the forget concept itself, nor the same concept stored at another location (same name).
+    """
+    if name is not None:
+        retain = concepts.get(name)
+        if retain.name == forget.name:
+            raise ValueError(f"retain_concept {name!r} is the forget concept {forget.name!r} itself; choose another")
+        return retain
+    others = [c for c in concepts if c.name != forget.name]
+    if not others:
+        raise ValueError(f"the concept set {getattr(concepts, 'source', '')!r} has no concept other than "
+                         f"{forget.name!r} to retain; add one or pass retain_concept")
+    # A string seed is hashed by random (sha512), so the choice does not depend on PYTHONHASHSEED.
+    return random.Random(f"{seed}:{forget.label}").choice(others)
+
+
+QA = list[tuple[str, list[int], list[int]]]  # (question, prompt_ids, answer_ids), answers by the vanilla model
+
+
+def build(tok, forget, retain, config, qa: QA | None = None, retain_qa: QA | None = None) -> UnlearningData:
+    """The data of one run. `qa` / `retain_qa` = the forget / retain concept's questions answered by the vanilla
+    model (needed when config.forget_qa / config.retain_qa)."""
+    if retain.name == forget.name:
+        raise ValueError(f"retain concept {retain.label!r} has the forget concept's name {forget.name!r}")
+    forget_set: list[Example] = []
+    if config.forget_text:
+        chunks = text_chunks(tok, forget.forget_text, config.chunk_tokens)
+        if not chunks:
+            raise ValueError(f"concept {forget.label!r}: field 'wikipedia_content' (the forget text) is too short "
+                             f"to make a training chunk")
+        forget_set += [text_example(c, f"text:{i}") for i, c in enumerate(chunks)]
+    qa_set: list[Example] = []
+    if config.forget_qa:
+        if qa is None:
+            raise ValueError("forget_qa is true but no vanilla answers were given (qa=[(prompt_ids, answer_ids)])")
+        qa_set = [qa_example(p, a, config.max_length, f"qa:{i}") for i, (_, p, a) in enumerate(qa) if a]
+        if not qa_set:
+            raise ValueError(f"concept {forget.label!r}: the vanilla model gave no answer tokens to train on")
+    if config.method == "idk_dpo":
+        forget_set = qa_set  # the pairs are (refusal, vanilla answer) to each question
+    else:
+        forget_set += qa_set
+
+    retain_chunks = text_chunks(tok, retain.forget_text, config.chunk_tokens)
+    if not retain_chunks:
+        raise ValueError(f"retain concept {retain.label!r}: field 'wikipedia_content' is too short to make a chunk")
+    retain_text = [text_example(c, f"text:{i}") for i, c in enumerate(retain_chunks)]
+    retain_questions: list[Example] = []
+    if config.retain_qa:
+        if retain_qa is None:
+            raise ValueError("retain_qa is true but no vanilla answers of the retain concept were given (retain_qa=)")
+        held_out = set(forget.unrelated_questions)
+        retain_questions = [qa_example(p, a, config.max_length, f"qa:{i}") for i, (q, p, a) in enumerate(retain_qa)
+                            if a and q not in held_out]
+    # Pair text with text and questions with questions (when there are retain questions), cycling each list.
+    retain_set = []
+    n_text = 0
+    for e in forget_set:
+        pool = retain_questions if (e.source.startswith("qa:") and retain_questions) else retain_text
+        k = (len(retain_set) - n_text) if pool is retain_questions else n_text
+        retain_set.append(pool[k % len(pool)])
+        n_text += pool is retain_text
+
+    chosen = None
+    if config.method == "dpo":
+        chosen = retain_set  # ConceptVectors' DPO prefers the unrelated text to the forget text
+    elif config.method == "idk_dpo":
+        refusal = tok(config.refusal, add_special_tokens=False)["input_ids"] + _eos(tok)
+        chosen = [qa_example(list(p), refusal, config.max_length, f"idk:{i}")
+                  for i, (_, p, a) in enumerate(qa) if a]
+    return UnlearningData(forget_set, retain_set, chosen, forget.label, retain.label)
+
+
+def _eos(tok) -> list[int]:
+    return [tok.eos_token_id] if tok.eos_token_id is not None else []
+
+
+def collate(examples: list[Example], index: list[int], pad_id: int) -> Part:
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[b, :n] = torch.tensor(e.input_ids)
+        labels[b, :n] = torch.tensor(e.labels)
+        mask[b, :n] = 1
+    return Part(ids, mask, labels, torch.tensor(index, dtype=torch.long))

@@ -1,0 +1,13 @@
+"""Gradient Ascent: maximise the forget text's NLL (minimise -NLL). Nothing holds the rest of the model in place."""
+from __future__ import annotations
+
+from .logprobs import Losses, mean_nll, sequence_logprobs
+
+PARTS = ("forget",)  # batch parts the loss reads
+REFERENCE = ()  # parts whose reference (vanilla) log-probs it needs
+HYPER = ()  # UnlearnConfig fields it takes
+
+
+def loss(model, batch, ref=None) -> Losses:
+    nll = mean_nll(*sequence_logprobs(model, batch["forget"]))
+    return Losses(-nll, forget_nll=nll)

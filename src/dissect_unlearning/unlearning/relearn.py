@@ -1,0 +1,80 @@
+"""Relearning: fine-tune an unlearned model for a few steps and watch the "forgotten" answers come back.
+
+If unlearning had erased the knowledge, relearning it would take as long as learning it the first time; if it only
+hid it (the paper's claim: retrieval is disturbed, the value vectors are intact), a few steps on *other* data bring
+it back. Two kinds of relearning data:
+  'unrelated' - the text of a concept that was neither forgotten nor retained: nothing about the forgotten concept;
+  'partial'   - half of the forgotten concept's questions with the vanilla answers; the other half is scored, so
+                what comes back was not shown.
+Plain next-token NLL, AdamW, seeded order; `evaluate(model, step)` is called at each checkpoint step (0 = before).
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import torch
+
+from . import data as data_mod
+from .logprobs import mean_nll, sequence_logprobs
+
+KINDS = ("unrelated", "partial")
+
+
+def examples(tok, kind: str, concept, other, qa, chunk_tokens: int = 128, max_length: int = 256):
+    """(training examples, indices of the concept's questions to score) for a relearning `kind`.
+
+    qa = [(question, prompt_ids, answer_ids)] of `concept` (vanilla answers); `other` = the unrelated concept."""
+    n = len(concept.questions)
+    if kind == "unrelated":
+        chunks = data_mod.text_chunks(tok, other.forget_text, chunk_tokens)
+        return [data_mod.text_example(c, f"text:{i}") for i, c in enumerate(chunks)], list(range(n))
+    if kind == "partial":
+        if n < 2:
+            raise ValueError(f"relearning data 'partial' needs at least 2 questions; concept {concept.label!r} has {n}")
+        shown = list(range(n // 2))
+        train = [data_mod.qa_example(qa[i][1], qa[i][2], max_length, f"qa:{i}") for i in shown if qa[i][2]]
+        return train, list(range(n // 2, n))
+    raise ValueError(f"relearning data must be one of {KINDS}, got {kind!r}")
+
+
+def relearn(model, tok, train: list, checkpoints, evaluate: Callable[[object, int], list[dict]], lr: float = 1e-5,
+            batch_size: int = 4, seed: int = 0, progress: bool = True) -> list[dict]:
+    """Fine-tune `model` in place on `train`; return the rows `evaluate` gives at each checkpoint step."""
+    from tqdm.auto import tqdm
+
+    checkpoints = sorted(set(int(k) for k in checkpoints))
+    if not checkpoints or checkpoints[0] < 0:
+        raise ValueError(f"steps must be integers >= 0, got {checkpoints}")
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, foreach=True)
+    rows: list[dict] = []
+    order: list[int] = []
+    step = 0
+    bar = tqdm(total=checkpoints[-1], desc="relearn", disable=not progress, unit="step")
+    try:
+        for k in checkpoints:
+            while step < k:
+                if len(order) < batch_size:
+                    epoch = list(range(len(train)))
+                    rng.shuffle(epoch)
+                    order += epoch
+                index, order = order[:batch_size], order[batch_size:]
+                part = data_mod.collate([train[i] for i in index], index, pad_id)
+                model.train()
+                loss = mean_nll(*sequence_logprobs(model, part))
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.2f}")
+            model.eval()
+            rows += [{"step": k, **r} for r in evaluate(model, k)]
+    finally:
+        bar.close()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    return rows

@@ -1,0 +1,127 @@
+"""Lossless, compact storage of a fine-tuned model as a difference from the model it was fine-tuned from.
+
+A float32 SmolLM2-135M is 540 MB; an unlearning run moves every weight a little, so a plain copy per (concept,
+method) would fill a disk fast. Fine-tuning leaves sign and exponent of almost every weight as they were and moves
+the mantissa by a few thousand units in the last place, so we store, per weight, the *integer difference of the
+float bit patterns* (wrap-around uint arithmetic, so it is exactly invertible whatever the values), zig-zag coded so
+small negative differences are small numbers too. Split into byte planes (all lowest bytes, then all next bytes...),
+the high planes are almost all zeros and zstandard shrinks them to nearly nothing; the low planes are the real
+information. Decoding adds the differences back to the vanilla bit patterns: bit-exact, so outputs do not change.
+(`encoding="xor"` - XOR of the bit patterns - is the other lossless choice; it compresses a little worse, see
+benchmarks/bench_unlearning.py.)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = "dissect-unlearning-delta/1"
+ENCODINGS = ("zigzag", "xor")
+_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+_INT = {2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def _bits(model) -> tuple[list[tuple[str, torch.nn.Parameter]], np.ndarray, torch.dtype]:
+    """The parameters (tied ones once) and all their bit patterns, concatenated, as unsigned integers."""
+    named = list(model.named_parameters())
+    dtypes = {p.dtype for _, p in named}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise ValueError(f"delta storage needs all parameters in one float dtype, got {sorted(map(str, dtypes))}")
+    dtype = next(iter(dtypes))
+    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+    size = flat.element_size()
+    return named, flat.view(getattr(torch, f"int{8 * size}")).numpy().view(_UINT[size]), dtype
+
+
+def _encode(u: np.ndarray, v: np.ndarray, encoding: str) -> np.ndarray:
+    """The code of bit patterns `u` given `v` (in place where possible: these arrays are hundreds of MB)."""
+    if encoding == "xor":
+        return np.bitwise_xor(u, v)
+    d = np.subtract(u, v).view(_INT[u.itemsize])  # wraps around: exact for any pair of bit patterns
+    sign = np.right_shift(d, 8 * u.itemsize - 1)  # 0 or -1
+    np.left_shift(d, 1, out=d)
+    np.bitwise_xor(d, sign, out=d)  # zig-zag: 0 -> 0, -1 -> 1, 1 -> 2, -2 -> 3, ...
+    return d.view(u.dtype)
+
+
+def _decode(code: np.ndarray, v: np.ndarray, encoding: str) -> np.ndarray:
+    """Inverse of _encode (overwrites `code`)."""
+    if encoding == "xor":
+        return np.bitwise_xor(code, v, out=code)
+    negative = np.bitwise_and(code, 1).view(_INT[code.itemsize])
+    np.negative(negative, out=negative)  # 0 or -1 (all bits set)
+    np.right_shift(code, 1, out=code)
+    np.bitwise_xor(code, negative.view(code.dtype), out=code)
+    return np.add(code, v, out=code)
+
+
+def sha256(a: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(a)).cast("B")).hexdigest()
+
+
+def save_delta(model, vanilla, folder: Path, *, encoding: str = "zigzag", level: int = 3) -> dict:
+    """Write `model` as a difference from `vanilla` (same architecture) into `folder`; return the manifest."""
+    import zstandard
+
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+    named, u, dtype = _bits(model)
+    vnamed, v, vdtype = _bits(vanilla)
+    shapes = [(n, list(p.shape)) for n, p in named]
+    if shapes != [(n, list(p.shape)) for n, p in vnamed] or dtype != vdtype:
+        raise ValueError("delta storage: the model and its vanilla model have different parameters")
+    code = _encode(u, v, encoding)
+    planes = code.view(np.uint8).reshape(-1, code.itemsize)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    compressor = zstandard.ZstdCompressor(level=level, threads=-1)
+    sizes = []
+    for k in range(code.itemsize):
+        blob = compressor.compress(np.ascontiguousarray(planes[:, k]).tobytes())
+        (folder / f"plane{k}.zst").write_bytes(blob)
+        sizes.append(len(blob))
+    manifest = {
+        "format": FORMAT, "encoding": encoding, "dtype": str(dtype).removeprefix("torch."), "byteorder": sys.byteorder,
+        "params": shapes, "n_values": int(u.size), "plane_bytes": sizes,
+        "sha256": sha256(u), "vanilla_sha256": sha256(v),
+    }
+    (folder / "delta.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def apply_delta(model, folder: Path, *, verify: bool = True):
+    """Turn `vanilla` (loaded fresh, modified in place) into the stored model; bit-exact, checked by sha256."""
+    import zstandard
+
+    folder = Path(folder)
+    manifest = json.loads((folder / "delta.json").read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{folder / 'delta.json'}: unknown format {manifest.get('format')!r}")
+    if manifest["byteorder"] != sys.byteorder:
+        raise ValueError(f"{folder}: written on a {manifest['byteorder']}-endian machine, this one is {sys.byteorder}")
+    named, v, dtype = _bits(model)
+    if [(n, list(p.shape)) for n, p in named] != [tuple(x) for x in manifest["params"]] or \
+            str(dtype).removeprefix("torch.") != manifest["dtype"]:
+        raise ValueError(f"{folder}: the stored delta does not fit this model's parameters")
+    if verify and sha256(v) != manifest["vanilla_sha256"]:
+        raise ValueError(f"{folder}: the base model's weights are not the ones this delta was made from "
+                         f"(was the base model re-provisioned differently?)")
+    dec = zstandard.ZstdDecompressor()
+    planes = np.empty((v.size, v.itemsize), dtype=np.uint8)
+    for k in range(v.itemsize):
+        planes[:, k] = np.frombuffer(dec.decompress((folder / f"plane{k}.zst").read_bytes()), dtype=np.uint8)
+    u = _decode(planes.view(v.dtype).reshape(-1), v, manifest["encoding"])
+    if verify and sha256(u) != manifest["sha256"]:
+        raise ValueError(f"{folder}: decoded weights do not match the stored checksum (corrupt entry)")
+    values = torch.from_numpy(u.view(_INT[v.itemsize])).view(dtype)
+    offset = 0
+    with torch.no_grad():
+        for _, p in named:
+            p.copy_(values[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+    return model

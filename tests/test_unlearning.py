@@ -1,0 +1,395 @@
+"""Unlearning: losses, data, trainer, lossless storage, the cached pipeline stage and the CLI."""
+from __future__ import annotations
+
+import json
+import math
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dissect_unlearning import cache, concepts, pipeline
+from dissect_unlearning.unlearning import (METHOD_MODULES, METHODS, UnlearnConfig, data as udata, dpo,
+                                           grad_ascent, grad_diff, npo, storage, trainer)
+from dissect_unlearning.unlearning.logprobs import sequence_logprobs
+
+TEXTS = {
+    "Harry Potter": "harry potter is a wizard . the author of harry potter is rowling . harry potter went to the school "
+                    "hogwarts . his friend is ron and his enemy is voldemort . " * 3,
+    "Paris": "paris is the capital city of france . the eiffel tower is in paris . paris is on the seine . " * 3,
+    "Super Mario": "mario is a plumber . his brother is luigi . mario was made by nintendo . " * 3,
+    "Star Wars": "star wars has the jedi . luke is a jedi . the ring is not in star wars . " * 3,
+}
+
+
+def records(names=tuple(TEXTS), dup=False):
+    recs = []
+    for i, name in enumerate(names):
+        recs.append({"Concept": name, "Layer": 1, "Dim": i, "QA": [f"who is {name}?", f"what is {name}?"],
+                     "QA_answers": [[name], [name]],
+                     "text_completion": [{"First_half": f"{name} is", "Second_half": "a thing"}],
+                     "unrelated_QA": ["what is the capital of france?"], "wikipedia_content": TEXTS[name]})
+    if dup:  # the same concept stored at a second location
+        recs.append({**recs[0], "Dim": 99})
+    return recs
+
+
+@pytest.fixture
+def cset():
+    return concepts.parse(records(), "test")
+
+
+def tiny_data(tok, cset, method="grad_diff", **kw):
+    cfg = UnlearnConfig.for_method(method, **{"chunk_tokens": 8, "batch_size": 2, "steps": 3, **kw})
+    forget = cset.get("Harry Potter")
+    qa = [(f"question {i}", tok(f"question {i}")["input_ids"], tok(" harry potter is a wizard")["input_ids"])
+          for i in range(2)]
+    # The retain concept's questions: the second is one of the forget concept's unrelated questions (held out).
+    retain_qa = [("who is paris?", tok("who is paris ?")["input_ids"], tok("paris is a city")["input_ids"]),
+                 ("what is the capital of france?", tok("what is the capital of france ?")["input_ids"],
+                  tok("paris")["input_ids"])]
+    return cfg, udata.build(tok, forget, cset.get("Paris"), cfg, qa=qa, retain_qa=retain_qa)
+
+
+def batch_of(data, parts, index, pad_id):
+    return trainer.make_batch(data, parts, index, pad_id)
+
+
+# ---------------------------------------------------------------------------------------------------- losses
+def hand_nll(model, part):
+    """Mean per-token NLL over the labelled tokens, computed the long way."""
+    logits = model(input_ids=part.input_ids, attention_mask=part.attention_mask).logits
+    total, count = 0.0, 0
+    for b in range(part.input_ids.shape[0]):
+        for t in range(1, part.input_ids.shape[1]):
+            if part.labels[b, t] != -100:
+                total += -torch.log_softmax(logits[b, t - 1], -1)[part.labels[b, t]].item()
+                count += 1
+    return total / count
+
+
+def test_grad_ascent_and_grad_diff_values_match_a_hand_computation(tiny_llama, cset):
+    model, tok = tiny_llama
+    cfg, data = tiny_data(tok, cset)
+    batch = batch_of(data, ("forget", "retain"), [0, len(data.forget) - 1], tok.pad_token_id)
+    f, r = hand_nll(model, batch["forget"]), hand_nll(model, batch["retain"])
+    assert grad_ascent.loss(model, batch).loss.item() == pytest.approx(-f, rel=1e-5)
+    assert grad_diff.loss(model, batch, retain_weight=1.5).loss.item() == pytest.approx(-f + 1.5 * r, rel=1e-5)
+    assert grad_diff.loss(model, batch, retain_weight=0.0).loss.item() == pytest.approx(-f, rel=1e-5)
+
+
+def test_npo_and_dpo_at_the_reference_equal_2_over_beta_log_2(tiny_llama, cset):
+    """With the model equal to its reference the log-ratio is 0: loss = (2/beta) * log 2, for any beta."""
+    model, tok = tiny_llama
+    for method, mod in (("npo", npo), ("dpo", dpo)):
+        cfg, data = tiny_data(tok, cset, method)
+        idx = [0, 1]
+        ref = trainer.reference_logprobs(model, data, mod.REFERENCE, set(idx), tok.pad_token_id, 2)
+        batch = batch_of(data, mod.PARTS, idx, tok.pad_token_id)
+        for beta in (0.1, 0.5):
+            out = mod.loss(model, batch, {k: v[idx] for k, v in ref.items()}, beta=beta)
+            assert out.loss.item() == pytest.approx(2 / beta * math.log(2), rel=1e-4), (method, beta)
+
+
+def test_npo_matches_its_formula_off_the_reference(tiny_llama, cset):
+    model, tok = tiny_llama
+    _, data = tiny_data(tok, cset, "npo")
+    batch = batch_of(data, npo.PARTS, [0, 1], tok.pad_token_id)
+    logp, _ = sequence_logprobs(model, batch["forget"])
+    ref = logp.detach() + torch.tensor([1.0, -2.0])  # pretend the reference was more / less likely
+    nll_theta, nll_ref = -logp.detach(), -ref
+    expected = (2 / 0.1) * -F.logsigmoid(0.1 * (nll_theta - nll_ref)).mean()
+    assert npo.loss(model, batch, {"forget": ref}, beta=0.1).loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_step_on_each_loss_lowers_it_and_raises_the_forget_nll(tiny_llama, cset, method):
+    model, tok = tiny_llama
+    mod = METHOD_MODULES[method]
+    _, data = tiny_data(tok, cset, method)
+    idx = list(range(len(data.forget)))
+    ref = trainer.reference_logprobs(model, data, mod.REFERENCE, set(idx), tok.pad_token_id, 4)
+    ref = {k: v[idx] for k, v in ref.items()}
+    batch = batch_of(data, mod.PARTS, idx, tok.pad_token_id)
+    hyper = {"retain_weight": 0.0} if "retain_weight" in mod.HYPER else {}
+    before = mod.loss(model, batch, ref, **hyper)
+    nll_before = before.forget_nll.item()
+    before.loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 1e-2 * p.grad
+    after = mod.loss(model, batch, ref, **hyper)
+    assert after.loss.item() < before.loss.item()
+    assert after.forget_nll.item() > nll_before  # every method makes the forget answers less likely
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def test_retain_concept_is_never_the_forget_concept():
+    cset = concepts.parse(records(dup=True), "test")
+    chosen = set()
+    for forget in cset:
+        for seed in range(40):
+            r = udata.choose_retain(cset, forget, seed)
+            assert r.name != forget.name
+            chosen.add(r.name)
+    assert chosen == set(TEXTS)  # the seed spreads the choice over all the others
+    assert udata.choose_retain(cset, cset[0], 3) == udata.choose_retain(cset, cset[0], 3)
+    with pytest.raises(ValueError, match="retain_concept"):
+        udata.choose_retain(cset, cset[0], 0, name="Harry Potter#4")  # same name, other location
+    lonely = concepts.parse(records(names=("Paris",)), "one")
+    with pytest.raises(ValueError, match="no concept other than"):
+        udata.choose_retain(lonely, lonely[0], 0)
+
+
+def test_forget_set_is_text_chunks_plus_answers_and_retain_is_repeated_to_its_length(tiny_llama, cset):
+    _, tok = tiny_llama
+    cfg, data = tiny_data(tok, cset)
+    chunks = udata.text_chunks(tok, TEXTS["Harry Potter"], 8)
+    assert [e.source for e in data.forget] == [f"text:{i}" for i in range(len(chunks))] + ["qa:0", "qa:1"]
+    assert all(len(e.input_ids) <= 8 for e in data.forget[:len(chunks)])
+    qa = data.forget[-1]
+    n_answer = len(tok(" harry potter is a wizard")["input_ids"])
+    assert sum(label != udata.IGNORE for label in qa.labels) == n_answer  # loss on the answer only
+    assert len(data.retain) == len(data.forget) and data.retain_concept == "Paris"
+    # Text is paired with text, questions with the retain concept's questions - never a held-out unrelated one.
+    n_text = len(chunks)
+    assert all(e.source.startswith("text:") for e in data.retain[:n_text])
+    assert [e.input_ids for e in data.retain[n_text:]] == [tuple(tok("who is paris ?")["input_ids"]
+                                                                 + tok("paris is a city")["input_ids"])] * 2
+    retain_ids = [t for e in data.retain[:n_text] for t in e.input_ids]
+    assert set(retain_ids) <= set(tok(TEXTS["Paris"])["input_ids"])
+    _, text_only = tiny_data(tok, cset, retain_qa=False)
+    assert all(e.source.startswith("text:") for e in text_only.retain)
+    _, idk = tiny_data(tok, cset, "idk_dpo")
+    assert [e.source for e in idk.forget] == ["qa:0", "qa:1"]
+    assert idk.chosen[0].input_ids[:len(tok("question 0")["input_ids"])] == idk.forget[0].input_ids[:len(tok("question 0")["input_ids"])]
+    refusal = tok("I don't know.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert [t for t, lab in zip(idk.chosen[0].input_ids, idk.chosen[0].labels) if lab != -100] == refusal
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"lr": -1.0}, "lr"), ({"steps": 0}, "steps"), ({"batch_size": 0}, "batch_size"),
+    ({"params": "attention"}, "params"), ({"chunk_tokens": 512, "max_length": 256}, "chunk_tokens"),
+    ({"beta": 0}, "beta"), ({"retain_weight": -1}, "retain_weight"), ({"steps": 3, "epochs": 2}, "epochs"),
+    ({"warmup_steps": -1}, "warmup_steps"), ({"forget_text": False, "forget_qa": False}, "forget_qa"),
+    ({"prompt_format": "xml"}, "prompt_format"), ({"colour": "red"}, "colour"),
+])
+def test_config_errors_name_the_parameter(bad, field):
+    with pytest.raises(ValueError, match=field):
+        UnlearnConfig.for_method("grad_diff", **bad)
+
+
+def test_config_method_rules_and_json_round_trip():
+    with pytest.raises(ValueError, match="method"):
+        UnlearnConfig.for_method("forget_everything")
+    with pytest.raises(ValueError, match="retain_weight"):
+        UnlearnConfig.for_method("grad_ascent", retain_weight=1.0)
+    with pytest.raises(ValueError, match="forget_qa"):
+        UnlearnConfig.for_method("idk_dpo", forget_qa=False)
+    cfg = UnlearnConfig.for_method("npo", lr=3e-5, epochs=2)
+    assert cfg.steps is None and cfg.n_steps(10) == math.ceil(2 * 10 / cfg.batch_size)
+    assert UnlearnConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    with pytest.raises(dataclasses_frozen_error()):
+        cfg.lr = 1.0
+
+
+def dataclasses_frozen_error():
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+def trained(seed=0, method="grad_diff", params="all", steps=4):
+    from conftest import make_tiny_llama
+
+    model, tok = make_tiny_llama()
+    cset = concepts.parse(records(), "test")
+    cfg, data = tiny_data(tok, cset, method, seed=seed, params=params, steps=steps, lr=1e-3)
+    return model, tok, trainer.train(model, tok, data, cfg, progress=False)
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_does_not():
+    a, _, ra = trained(seed=0)
+    b, _, rb = trained(seed=0)
+    c, _, _ = trained(seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert ra.loss_curve[-1]["loss"] == rb.loss_curve[-1]["loss"]
+    assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters()))
+
+
+def test_trainer_records_the_curve_and_trains_only_the_chosen_parameters():
+    from conftest import make_tiny_llama
+
+    vanilla, _ = make_tiny_llama()
+    model, _, result = trained(params="last_k:1", steps=3)
+    assert [r["step"] for r in result.loss_curve] == [1, 2, 3]
+    assert result.loss_curve[0]["lr"] < result.loss_curve[-1]["lr"]  # linear warm-up
+    assert result.loss_curve[-1]["forget_loss"] > result.loss_curve[0]["forget_loss"]
+    assert not model.training and all(p.requires_grad for p in model.parameters())
+    for (name, p), q in zip(model.named_parameters(), vanilla.parameters()):
+        assert torch.equal(p, q) == (".layers.3." not in name), name
+    mlp = {n for n, _ in trainer.trainable_parameters(model, "mlp")}
+    assert mlp and all(".mlp." in n for n in mlp)
+
+
+# ---------------------------------------------------------------------------------------------------- storage
+@pytest.mark.parametrize("encoding", storage.ENCODINGS)
+def test_delta_storage_is_bit_exact_and_logits_are_unchanged(tmp_path, encoding):
+    from conftest import make_tiny_llama
+
+    model, tok, _ = trained()
+    vanilla, _ = make_tiny_llama()
+    with torch.no_grad():  # a weight that changes sign, and a subnormal: wrap-around must stay exact
+        next(model.parameters()).view(-1)[0] = -next(vanilla.parameters()).view(-1)[0]
+        next(model.parameters()).view(-1)[1] = 1e-42
+    manifest = storage.save_delta(model, vanilla, tmp_path, encoding=encoding)
+    assert manifest["encoding"] == encoding
+    restored, _ = make_tiny_llama()
+    storage.apply_delta(restored, tmp_path)
+    assert all(torch.equal(x, y) for x, y in zip(model.parameters(), restored.parameters()))
+    ids = tok("harry potter is a wizard", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, restored(ids).logits)
+    other, _ = make_tiny_llama(seed=1)
+    with pytest.raises(ValueError, match="base model"):
+        storage.apply_delta(other, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- pipeline
+@pytest.fixture
+def concept_file(tmp_path):
+    path = tmp_path / "concepts.json"
+    path.write_text(json.dumps(records()))
+    return str(path)
+
+
+FAST = dict(steps=2, batch_size=2, chunk_tokens=8, max_new_tokens=4)
+
+
+def test_unlearned_is_cached_and_exports_a_loadable_checkpoint(tiny_checkpoint, concept_file, tmp_path, monkeypatch):
+    calls = []
+    real_train = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    u = pipeline.unlearned(tiny_checkpoint, concept_file, "Paris", "npo", progress=False, **FAST)
+    again = pipeline.unlearned(tiny_checkpoint, concept_file, "Paris", "npo", progress=False, **FAST)
+    assert calls == [1] and again.folder == u.folder
+    assert u.method == u.label == "npo" and u.concept == "Paris" and u.retain_concept != "Paris"
+    assert list(u.loss_curve.columns[:5]) == ["step", "forget_loss", "retain_loss", "loss", "lr"]
+    assert len(u.loss_curve) == 2 and u.settings["steps"] == 2 and u.train_seconds > 0
+    assert u.identity()["method"] == "npo" and u.size_bytes > 0
+    model, tok = u.load()
+    assert not model.training
+
+    from transformers import AutoModelForCausalLM
+
+    out = u.export(tmp_path / "out")
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    ids = tok("paris is the capital", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, model(ids).logits, atol=1e-5)
+    assert json.loads((out / "unlearning.json").read_text())["settings"]["method"] == "npo"
+    other = pipeline.unlearned(tiny_checkpoint, concept_file, "Paris", "npo", progress=False, **{**FAST, "seed": 1})
+    assert other.folder != u.folder
+
+
+def test_an_interrupted_run_leaves_no_entry(tiny_checkpoint, concept_file, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.unlearned(tiny_checkpoint, concept_file, "Super Mario", "grad_ascent", progress=False, **FAST)
+    root = cache.cache_root() / "unlearned"
+    assert not [p for p in root.iterdir() if not p.name.endswith(".lock")
+                and json.loads((p / "inputs.json").read_text())["inputs"]["method"] == "grad_ascent"] \
+        if root.exists() else True
+    assert not list(root.glob(".*-*")) if root.exists() else True  # no temporary folder left behind
+
+
+def test_two_callers_at_once_train_once(tiny_checkpoint, concept_file, monkeypatch):
+    calls = []
+    real_train = trainer.train
+    monkeypatch.setattr(trainer, "train", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    folders = []
+
+    def ask():
+        folders.append(pipeline.unlearned(tiny_checkpoint, concept_file, "Star Wars", "dpo", progress=False,
+                                          **FAST).folder)
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(folders) == 2 and folders[0] == folders[1]
+
+
+def test_behaviour_table_is_tidy_and_scores_are_consistent(tiny_checkpoint, concept_file):
+    df = pipeline.behaviour(tiny_checkpoint, concept_file, select=["Paris"], methods=("grad_diff",),
+                            settings=FAST, progress=False)
+    assert list(df.columns) == pipeline.BEHAVIOUR_COLUMNS
+    assert set(df.stage) == {"vanilla", "unlearned"}
+    assert {"target", "unrelated", "completion", "forget_text", "heldout_text"} <= set(df.split)
+    assert not df.duplicated(["concept", "method", "stage", "split", "metric"]).any()
+    van = df[df.stage == "vanilla"].set_index(["split", "metric"]).value
+    # The vanilla answers scored against themselves: ROUGE-L is 1 exactly (BLEU is below 1 for short answers).
+    assert van["target", "rougeL"] == pytest.approx(1.0)
+    assert df[df.metric == "perplexity"].value.gt(1).all()
+    again = pipeline.behaviour(tiny_checkpoint, concept_file, select=["Paris"], methods=("grad_diff",),
+                               settings=FAST, progress=False)
+    assert again.equals(df)
+
+
+# ---------------------------------------------------------------------------------------------------- integration
+@pytest.mark.integration
+def test_cli_unlearn_writes_a_checkpoint_that_reloads_with_the_same_logits(default_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dissect_unlearning import cli, models
+
+    out = tmp_path / "hp-unlearned"
+    rc = cli.main(["unlearn", "--model", models.DEFAULT_MODEL, "--concept", "Harry Potter", "--method", "grad_diff",
+                   "--steps", "2", "--batch-size", "1", "--chunk-tokens", "64", "--set", "forget_qa=false",
+                   "--set", "retain_qa=false", "--quiet", "--out", str(out)])  # text only: no answers to generate
+    assert rc == 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "unlearning.json"):
+        assert (out / name).is_file(), name
+    record = json.loads((out / "unlearning.json").read_text())
+    assert record["settings"]["steps"] == 2 and len(record["loss_curve"]) == 2 and record["versions"]["torch"]
+    u = pipeline.unlearned(models.DEFAULT_MODEL, "builtin", "Harry Potter", "grad_diff", progress=False,
+                           steps=2, batch_size=1, chunk_tokens=64, forget_qa=False, retain_qa=False)  # cached
+    assert u.train_seconds == record["train_seconds"]  # the very run the CLI made, not a second one
+    assert u.size_bytes < 300e6
+    mine, tok = u.load()
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    vanilla = default_model[0]
+    ids = tok("Who wrote the Harry Potter books?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        a, b, v = mine(ids).logits, hf(ids).logits, vanilla(ids).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, v, atol=1e-5)  # it did change
+
+
+# ---------------------------------------------------------------------------------------------------- relearning
+def test_relearn_table_starts_at_the_unlearned_model(tiny_checkpoint, concept_file):
+    from dissect_unlearning import metrics, prompts
+
+    df = pipeline.relearn(tiny_checkpoint, concept_file, "Paris", "grad_diff", steps=(0, 2), data="partial",
+                          lr=1e-3, batch_size=1, progress=False, settings=FAST)
+    assert list(df.columns) == pipeline.RELEARN_COLUMNS
+    assert sorted(df.step.unique()) == [0, 2] and set(df.metric) == {"rougeL", "accuracy"}
+    assert (df[df.metric == "rougeL"].n == 1).all()  # 'partial' scores the half of the questions not shown
+    # Step 0 is the unlearned model itself, scored on question 1 against the vanilla answer.
+    u = pipeline.unlearned(tiny_checkpoint, concept_file, "Paris", "grad_diff", progress=False, **FAST)
+    model, tok = u.load()
+    van = pipeline.answers(tiny_checkpoint, concepts.load(concept_file).select(["Paris"]), prompt_format="chat",
+                           max_new_tokens=4, include_unrelated=False, progress=False)
+    mine = prompts.generate_answers(model, tok, [van.question.iloc[1]], "chat", 30)[0].answer_text
+    step0 = df[(df.step == 0) & (df.metric == "rougeL")].value.item()
+    assert step0 == pytest.approx(metrics.rouge_l(mine, van.answer_text.iloc[1]))
+    with pytest.raises(ValueError, match="relearning data"):
+        pipeline.relearn(tiny_checkpoint, concept_file, "Paris", "grad_diff", steps=(0,), data="everything",
+                         progress=False, settings=FAST)
