@@ -17,13 +17,23 @@ import pytest
 import torch
 
 from dissect_unlearning import cli, concepts, models, patching, pipeline, prompts
-from dissect_unlearning.patching import batch as batch_mod, engine, score
+from dissect_unlearning.patching import batch as batch_mod, engine
 
 QUESTIONS = ["who wrote harry potter?", "what is the capital of france?", "where is vienna?",
              "who is the brother of mario in the red and green?"]
 ANSWERS = ["the author of harry potter is j", "paris is the capital of france", "vienna is in austria .",
            "luigi is the brother of mario"]
 ALL = list(patching.EXPERIMENTS)
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One torch thread: on this 2-core machine shared with other work, two threads spin against each other and a
+    forward pass takes ~10x longer (measured: this file's integration test 7 s with one thread, 89 s with two)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def _baseline():
@@ -341,7 +351,8 @@ def test_restored_parameters_checks_before_copying_and_undoes_on_error():
     names = ["model.layers.0.mlp.down_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
     with pytest.raises(ValueError, match="inside"):
         with patching.restored_parameters(unlearned, vanilla, names):
-            assert torch.equal(unlearned.model.layers[0].mlp.down_proj.weight, vanilla.model.layers[0].mlp.down_proj.weight)
+            restored = unlearned.model.layers[0].mlp.down_proj.weight
+            assert torch.equal(restored, vanilla.model.layers[0].mlp.down_proj.weight)
             raise ValueError("inside")
     assert same_state(unlearned, before)
     with pytest.raises(KeyError, match="is missing from the target model"):
@@ -374,8 +385,8 @@ def test_remote_without_an_api_key_fails_before_any_work(no_ndif_key, capsys):
     with pytest.raises(patching.RemoteUnavailableError, match="NDIF_API_KEY"):
         pipeline.sweep("no-such-model", "no-such-checkpoint", concepts="no-such-file.json", experiments=["attn"],
                        remote=True)
-    assert cli.main(["sweep", "--vanilla", "no-such-model", "--unlearned", "x", "--remote", "ndif", "--experiments", "coef",
-                     "--out", "never.parquet"]) == 2
+    assert cli.main(["sweep", "--vanilla", "no-such-model", "--unlearned", "x", "--remote", "ndif",
+                     "--experiments", "coef", "--out", "never.parquet"]) == 2
     assert "NDIF_API_KEY" in capsys.readouterr().err
     with pytest.raises(ValueError, match="restore parameters"):
         patching.check_remote(True, patching.experiments.get(["value"]))
@@ -503,7 +514,7 @@ def test_default_model_engine_matches_the_paper_style_hooks(default_model):
     p = [prompts.encode_prompt(q, tok, "chat") for q in ("What is the capital of France?", "Who wrote Harry Potter?")]
     a = [tok(" The capital of France is Paris.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id],
          tok(" J.K. Rowling wrote Harry Potter.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
-    centres = [21, 29]
+    centres = [27]
     inputs = patching.scoring_inputs(p, a, tok, "answer", "padded")
     want, _ = _baseline().paper_sweep(vanilla, unlearned, inputs, patching.PAPER_EXPERIMENTS, 5, centres=centres)
     before = state(unlearned)
@@ -532,8 +543,8 @@ def test_a_model_that_ignores_the_packed_mask_falls_back_to_the_padded_layout(mo
         inp = real(*args, **kwargs)
         mask = inp.model_inputs["attention_mask"]
         width = mask.shape[-1]
-        inp.model_inputs["attention_mask"] = torch.tril(torch.ones(width, width, dtype=torch.bool))[None, None].expand_as(
-            mask).clone()
+        causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+        inp.model_inputs["attention_mask"] = causal[None, None].expand_as(mask).clone()
         return inp
 
     monkeypatch.setattr(batch_mod, "_packed", broken_mask)

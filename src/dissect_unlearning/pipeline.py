@@ -232,9 +232,9 @@ def sweep(vanilla: str = models.DEFAULT_MODEL, unlearned=None, concepts="builtin
     unlearned: a model name or checkpoint folder; or a handle with .load() -> (model, tok) and .identity() -> dict
     (what pipeline.unlearned returns); or an already loaded (model, tokenizer) tuple (then nothing is cached).
     concept: name, label, id or index (may be left out when the set has one concept). kind: 'target' (the concept's
-    questions) or 'unrelated'. questions: use only the first N. layers: one explicit window (e.g. [-1]) instead of
-    the centred windows of size `window`. direction 'reverse' patches the unlearned model's window into the vanilla
-    model. remote: False, True (NDIF) or 'local'. One row per (experiment, window, question); columns:
+    questions) or 'unrelated'. questions: use only the first N. layers: one explicit window (e.g. [-1], the last
+    layer) or a list of them ([[27, 28, 29], [29]]) instead of the centred windows of size `window`. direction
+    'reverse' patches the unlearned model's window into the vanilla model. remote: False, True (NDIF) or 'local'. One row per (experiment, window, question); columns:
     patching.SWEEP_COLUMNS, described in docs/sweep-schema.md.
     """
     from . import patching
@@ -244,11 +244,9 @@ def sweep(vanilla: str = models.DEFAULT_MODEL, unlearned=None, concepts="builtin
     settings = _patching_settings(window, layers, alignment, kind, direction, questions)
 
     def compute(pair, tok, rows):
-        table = patching.run(pair[0], pair[1], tok, _ids(rows.prompt_ids), _ids(rows.answer_ids), exps,
-                             window=window, layers=layers,
-                             alignment=alignment, direction=direction, remote=remote,
-                             progress="patching sweep" if progress else False)
-        return table
+        return patching.run(pair[0], pair[1], tok, _ids(rows.prompt_ids), _ids(rows.answer_ids), exps,
+                            window=window, layers=layers, alignment=alignment, direction=direction, remote=remote,
+                            progress="patching sweep" if progress else False)
 
     df, ctx = _pair_table("sweep", compute, vanilla, unlearned, concepts, concept, prompt_format, questions, kind,
                           remote, {**settings, "experiments": exps}, progress)

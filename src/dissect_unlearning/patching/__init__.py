@@ -3,8 +3,9 @@
 For a vanilla model, an unlearned model (any second model of the same architecture) and a concept's questions with
 the vanilla answers (teacher forcing), restore something from one model in the other over a window of consecutive
 layers and score how much of the output comes back. See `experiments` (what is restored), `windows` (where),
-`batch` (the teacher-forced inputs and the scored positions), `score` (KRS, KL, top-1 agreement, aggregation), `engine` (the nnsight traces) and `restore` (parameter
-restoration that always undoes itself). The tidy table that pipeline.sweep writes is described by SWEEP_COLUMNS and
+`batch` (the teacher-forced inputs and the scored positions), `score` (KRS, KL, top-1 agreement, aggregation),
+`engine` (the nnsight traces), `restore` (parameter restoration that always undoes itself) and `change` (how much
+each layer changed). The tidy table that pipeline.sweep writes is described by SWEEP_COLUMNS and
 docs/sweep-schema.md.
 
     from dissect_unlearning import patching
@@ -37,8 +38,8 @@ SWEEP_COLUMNS = [
 ]
 
 __all__ = [
-    "ALIGNMENTS", "DIRECTIONS", "LAYOUTS", "Reference", "ScoringInputs", "ENGINE_COLUMNS", "EXPERIMENTS", "PAPER_EXPERIMENTS", "PATCHING_VERSION",
-    "REMOTE_CHOICES", "SWEEP_COLUMNS", "Experiment", "RemoteUnavailableError", "Window", "aggregate", "centred",
-    "check_pair", "check_remote", "explicit", "kl", "krs", "mse", "paper_counts", "parameter_names",
-    "restored_parameters", "run", "scoring_inputs", "top1_agree", "windows", "wrap",
+    "ALIGNMENTS", "DIRECTIONS", "ENGINE_COLUMNS", "EXPERIMENTS", "LAYOUTS", "PAPER_EXPERIMENTS", "PATCHING_VERSION",
+    "REMOTE_CHOICES", "SWEEP_COLUMNS", "Experiment", "Reference", "RemoteUnavailableError", "ScoringInputs", "Window",
+    "aggregate", "centred", "check_pair", "check_remote", "explicit", "kl", "krs", "mse", "paper_counts",
+    "parameter_names", "restored_parameters", "run", "scoring_inputs", "top1_agree", "windows", "wrap",
 ]

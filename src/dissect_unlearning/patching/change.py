@@ -24,7 +24,7 @@ CHANGE_COLUMNS = ["layer", "quantity", "norm_vanilla", "norm_diff", "rel_change"
 def _answer_activations(p: _Pass, n_layers: int):
     """coef and attn of every layer at the scored positions: two lists of [positions, dim] tensors."""
     coefs, states = [], []
-    rows, cols = p.inputs.rows, p.inputs.cols
+    rows, cols = p.inputs.rows.to(p.device), p.inputs.cols.to(p.device)
     blocks = p.blocks
     attn_path, coef_path = p.arch.attn_module, p.arch.coef_module
     with p.trace(keep=torch.tensor([0])):

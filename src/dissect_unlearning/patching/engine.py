@@ -65,8 +65,8 @@ def check_remote(remote, experiments=(), *, probe_network: bool = True) -> None:
     if not (os.environ.get("NDIF_API_KEY") or CONFIG.API.APIKEY):
         raise RemoteUnavailableError(
             "remote=True runs the traces on NDIF (ndif.us), which needs an API key: set the environment variable "
-            "NDIF_API_KEY (get a key at https://login.ndif.us), or use remote='local' to simulate the request "
-            "offline, or remote=False to run here")
+            "NDIF_API_KEY to your NDIF key, or use remote='local' to simulate the request offline, or remote=False "
+            "to run here")
     if probe_network:
         import urllib.request
 
@@ -105,18 +105,24 @@ class _Pass:
     inputs: batch_mod.ScoringInputs
     remote: object
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def trace(self, keep=None):
         """A trace over the inputs; logits only for the columns `keep` (default: the scored ones)."""
-        kwargs = dict(self.inputs.model_inputs)
+        kwargs = {k: v.to(self.device) for k, v in self.inputs.model_inputs.items()}
         if _supports_logits_to_keep(self.model):
-            kwargs["logits_to_keep"] = self.inputs.keep if keep is None else keep
+            kwargs["logits_to_keep"] = (self.inputs.keep if keep is None else keep).to(self.device)
         return self.lm.trace(**kwargs, remote=self.remote)
 
     def scored(self):
         """(rows, cols) of the scored positions inside the logits a trace returns, or None if they are all of them."""
         if not _supports_logits_to_keep(self.model):
-            return self.inputs.rows, self.inputs.cols
-        return None if self.inputs.kept_grid() else (self.inputs.rows, self.inputs.kept_cols())
+            return self.inputs.rows.to(self.device), self.inputs.cols.to(self.device)
+        if self.inputs.kept_grid():
+            return None
+        return self.inputs.rows.to(self.device), self.inputs.kept_cols().to(self.device)
 
     @property
     def blocks(self):

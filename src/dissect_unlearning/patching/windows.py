@@ -1,4 +1,4 @@
-"""Which layers one patching experiment touches: a window of consecutive layers centred on each layer, or one chosen set.
+"""Which layers one experiment patches: a window of consecutive layers centred on each layer, or chosen sets.
 
 The paper slides a window of 5 layers (l-2 .. l+2) over every layer l and clips it at the ends, so the first and
 last windows are shorter. A window of even size s centred on l covers l - (s-1)//2 .. l + s//2.

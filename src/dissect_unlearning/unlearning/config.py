@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass
 
 METHODS = ("grad_ascent", "grad_diff", "npo", "dpo", "idk_dpo")
-PARAM_SETS = ("all", "mlp", "last_k:K")
 
 # Chosen on SmolLM2-135M-Instruct with the shipped concepts so that each method brings the target questions' ROUGE-L
 # (vs the vanilla answers) to <= 0.35 while the unrelated questions keep >= 0.6, in <= 90 s on a 2-core CPU.
@@ -66,6 +65,8 @@ class UnlearnConfig:
         """The defaults of `method`, with `overrides` (each must be a field name) on top."""
         if method not in METHODS:
             raise ValueError(f"invalid unlearning settings: method {method!r} is unknown; valid: {', '.join(METHODS)}")
+        if "method" in overrides:
+            raise ValueError("invalid unlearning settings: give the method as the `method` argument, not a setting")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
