@@ -236,8 +236,8 @@ def test_trainer_records_the_curve_and_trains_only_the_chosen_parameters():
 
 
 # ---------------------------------------------------------------------------------------------------- storage
-@pytest.mark.parametrize("encoding", storage.ENCODINGS)
-def test_delta_storage_is_bit_exact_and_logits_are_unchanged(tmp_path, encoding):
+@pytest.mark.parametrize("encoding, order", [("zigzag", True), ("zigzag", False), ("xor", True)])
+def test_delta_storage_is_bit_exact_and_logits_are_unchanged(tmp_path, encoding, order):
     from conftest import make_tiny_llama
 
     model, tok, _ = trained()
@@ -245,8 +245,8 @@ def test_delta_storage_is_bit_exact_and_logits_are_unchanged(tmp_path, encoding)
     with torch.no_grad():  # a weight that changes sign, and a subnormal: wrap-around must stay exact
         next(model.parameters()).view(-1)[0] = -next(vanilla.parameters()).view(-1)[0]
         next(model.parameters()).view(-1)[1] = 1e-42
-    manifest = storage.save_delta(model, vanilla, tmp_path, encoding=encoding)
-    assert manifest["encoding"] == encoding
+    manifest = storage.save_delta(model, vanilla, tmp_path, encoding=encoding, order=order)
+    assert manifest["encoding"] == encoding and (manifest["order"] == "none") != order
     restored, _ = make_tiny_llama()
     storage.apply_delta(restored, tmp_path)
     assert all(torch.equal(x, y) for x, y in zip(model.parameters(), restored.parameters()))
@@ -393,3 +393,23 @@ def test_relearn_table_starts_at_the_unlearned_model(tiny_checkpoint, concept_fi
     with pytest.raises(ValueError, match="relearning data"):
         pipeline.relearn(tiny_checkpoint, concept_file, "Paris", "grad_diff", steps=(0,), data="everything",
                          progress=False, settings=FAST)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def test_cli_behaviour_writes_the_table_and_bad_settings_name_the_parameter(tiny_checkpoint, concept_file, tmp_path,
+                                                                             capsys):
+    import pandas as pd
+
+    from dissect_unlearning import cli
+
+    out = tmp_path / "table.parquet"
+    args = ["--model", tiny_checkpoint, "--concepts", concept_file, "--steps", "2", "--batch-size", "2",
+            "--chunk-tokens", "8", "--set", "max_new_tokens=4", "--quiet"]
+    assert cli.main(["behaviour", "--concept", "Paris", "--method", "grad_diff", *args, "--out", str(out)]) == 0
+    df = pd.read_parquet(out)
+    assert set(df.stage) == {"vanilla", "unlearned"} and set(df.method) == {"grad_diff"}
+    assert "rougeL" in capsys.readouterr().out
+    assert cli.main(["unlearn", "--concept", "Paris", "--method", "npo", *args, "--lr", "-3"]) == 2
+    assert "lr must be" in capsys.readouterr().err
+    assert cli.main(["unlearn", "--concept", "Atlantis", *args]) == 2
+    assert "Atlantis" in capsys.readouterr().err

@@ -7,8 +7,13 @@ float bit patterns* (wrap-around uint arithmetic, so it is exactly invertible wh
 small negative differences are small numbers too. Split into byte planes (all lowest bytes, then all next bytes...),
 the high planes are almost all zeros and zstandard shrinks them to nearly nothing; the low planes are the real
 information. Decoding adds the differences back to the vanilla bit patterns: bit-exact, so outputs do not change.
-(`encoding="xor"` - XOR of the bit patterns - is the other lossless choice; it compresses a little worse, see
-benchmarks/bench_unlearning.py.)
+
+One more trick, free because the decoder has the vanilla weights too: a weight's change in units in the last place
+depends on its magnitude (a unit in the last place of 0.5 is 2^10 times that of 0.0005), so before compressing we
+order the values by the exponent of their *vanilla* weight (a stable sort the decoder can repeat). zstandard then sees
+long runs of similar numbers: on SmolLM2-135M after grad_diff (lr 2e-5, 10 steps) 290 MB -> 265 MB; the low byte is
+random either way, so this is close to the entropy of the change.
+(`encoding="xor"` - XOR of the bit patterns - is the other lossless choice: 297 vs 276 MB without the ordering.)
 """
 from __future__ import annotations
 
@@ -60,12 +65,23 @@ def _decode(code: np.ndarray, v: np.ndarray, encoding: str) -> np.ndarray:
     return np.add(code, v, out=code)
 
 
+def _exponent_order(v: np.ndarray) -> np.ndarray:
+    """A permutation grouping values by the exponent of the vanilla weights (stable: a radix sort of one byte).
+
+    The key is the 8 bits after the sign bit: the exponent of float32 and bfloat16 (most of it for float16/64). Any
+    key would decode exactly - encoder and decoder compute the same permutation - this one compresses well."""
+    key = (v >> (8 * v.itemsize - 9)).astype(np.uint8)  # the cast keeps the low 8 bits: the sign is dropped
+    return np.argsort(key, kind="stable")
+
+
 def sha256(a: np.ndarray) -> str:
     return hashlib.sha256(memoryview(np.ascontiguousarray(a)).cast("B")).hexdigest()
 
 
-def save_delta(model, vanilla, folder: Path, *, encoding: str = "zigzag", level: int = 3) -> dict:
-    """Write `model` as a difference from `vanilla` (same architecture) into `folder`; return the manifest."""
+def save_delta(model, vanilla, folder: Path, *, encoding: str = "zigzag", order: bool = True, level: int = 3) -> dict:
+    """Write `model` as a difference from `vanilla` (same architecture) into `folder`; return the manifest.
+
+    order=False skips the exponent ordering: ~10% larger, a few seconds faster to write and to read."""
     import zstandard
 
     if encoding not in ENCODINGS:
@@ -76,6 +92,8 @@ def save_delta(model, vanilla, folder: Path, *, encoding: str = "zigzag", level:
     if shapes != [(n, list(p.shape)) for n, p in vnamed] or dtype != vdtype:
         raise ValueError("delta storage: the model and its vanilla model have different parameters")
     code = _encode(u, v, encoding)
+    if order:
+        code = code[_exponent_order(v)]
     planes = code.view(np.uint8).reshape(-1, code.itemsize)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -86,7 +104,7 @@ def save_delta(model, vanilla, folder: Path, *, encoding: str = "zigzag", level:
         (folder / f"plane{k}.zst").write_bytes(blob)
         sizes.append(len(blob))
     manifest = {
-        "format": FORMAT, "encoding": encoding, "dtype": str(dtype).removeprefix("torch."), "byteorder": sys.byteorder,
+        "format": FORMAT, "encoding": encoding, "order": "vanilla-exponent" if order else "none", "dtype": str(dtype).removeprefix("torch."), "byteorder": sys.byteorder,
         "params": shapes, "n_values": int(u.size), "plane_bytes": sizes,
         "sha256": sha256(u), "vanilla_sha256": sha256(v),
     }
@@ -115,7 +133,12 @@ def apply_delta(model, folder: Path, *, verify: bool = True):
     planes = np.empty((v.size, v.itemsize), dtype=np.uint8)
     for k in range(v.itemsize):
         planes[:, k] = np.frombuffer(dec.decompress((folder / f"plane{k}.zst").read_bytes()), dtype=np.uint8)
-    u = _decode(planes.view(v.dtype).reshape(-1), v, manifest["encoding"])
+    if manifest.get("order", "none") == "vanilla-exponent":
+        code = np.empty_like(v)
+        code[_exponent_order(v)] = planes.view(v.dtype).reshape(-1)
+    else:
+        code = planes.view(v.dtype).reshape(-1)
+    u = _decode(code, v, manifest["encoding"])
     if verify and sha256(u) != manifest["sha256"]:
         raise ValueError(f"{folder}: decoded weights do not match the stored checksum (corrupt entry)")
     values = torch.from_numpy(u.view(_INT[v.itemsize])).view(dtype)
