@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 METHODS = ("grad_ascent", "grad_diff", "npo", "dpo", "idk_dpo")
 
-# Chosen on SmolLM2-135M-Instruct with the shipped concepts so that each method brings the target questions' ROUGE-L
-# (vs the vanilla answers) to <= 0.35 while the unrelated questions keep >= 0.6, in <= 90 s on a 2-core CPU.
-# The sweep behind these numbers: benchmarks/sweep_unlearning.py (results in its docstring).
+# Target (issue 3): each method brings the target questions' ROUGE-L (vs the vanilla answers) to <= 0.35 while the
+# unrelated questions keep >= 0.6, in <= 90 s on a 2-core CPU. The search is benchmarks/sweep_unlearning.py; it has
+# not yet found settings that meet both bounds on SmolLM2-135M-Instruct (forgetting is easy, keeping unrelated
+# answers is not), so these are the ConceptVectors-style starting values, not tuned ones.
 METHOD_DEFAULTS: dict[str, dict] = {
     "grad_ascent": dict(lr=1e-5, retain_weight=0.0),
     "grad_diff": dict(lr=1e-5, retain_weight=1.5),
