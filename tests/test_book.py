@@ -149,6 +149,52 @@ def test_a_broken_page_fails_the_html_build(tmp_path):
         book.build("p", root=root, output=tmp_path, verbose=False)
 
 
+def add_chapter(root: Path, cells, name: str) -> None:
+    """A second chapter in a make_project() project, listed after the first in the toc."""
+    nb = nbformat.v4.new_notebook()
+    for kind, src, *tags in cells:
+        cell = nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
+        if tags:
+            cell.metadata["tags"] = tags
+        nb.cells.append(cell)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, root / "notebooks" / f"{name}.ipynb")
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    toc["chapters"].append({"file": f"notebooks/{name}"})
+    (root / "_toc.yml").write_text(yaml.safe_dump(toc))
+
+
+ENV_PROBE = ("code", "import os\nprint(os.environ['DISSECT_UNLEARNING_FIGURES'], os.environ.get('OMP_NUM_THREADS'))")
+
+
+def test_chapters_side_by_side_keep_their_own_environment_and_order(tmp_path):
+    import os
+
+    root = make_project(tmp_path, [("md", "# A"), PARAMS, ENV_PROBE], name="01_a")
+    add_chapter(root, [("md", "# B"), PARAMS, ENV_PROBE], name="02_b")
+    report = book.build("p", root=root, output=tmp_path, verbose=False, html=False, jobs=2)
+    assert [r.chapter.stem for r in report.runs] == ["01_a", "02_b"]
+    threads = str(max(1, (os.cpu_count() or 1) // 2))
+    for r in report.runs:
+        out = nbformat.read(r.notebook, as_version=4).cells[-1].outputs[0]["text"].split()
+        assert out == [f"figures/{r.chapter.stem}", threads]
+    # One at a time: torch keeps its own default (no thread limit is set)
+    report = book.build("p", root=root, output=tmp_path, verbose=False, html=False, force=True, jobs=1)
+    for r in report.runs:
+        out = nbformat.read(r.notebook, as_version=4).cells[-1].outputs[0]["text"].split()
+        assert out[0] == f"figures/{r.chapter.stem}" and out[1] == str(os.environ.get("OMP_NUM_THREADS"))
+    with pytest.raises(book.BookError, match="jobs must be an integer >= 1"):
+        book.build("p", root=root, output=tmp_path, verbose=False, jobs=0)
+
+
+def test_a_failure_side_by_side_names_the_chapter(tmp_path):
+    root = make_project(tmp_path, [("md", "# A"), PARAMS, ("code", "x = seed")], name="01_a")
+    add_chapter(root, [("md", "# B"), PARAMS, ("code", "raise ValueError('bad b')")], name="02_b")
+    with pytest.raises(book.BookError, match="chapter 02_b failed in cell 2 of 02_b.ipynb.*\n?.*ValueError: bad b"):
+        book.build("p", root=root, output=tmp_path, verbose=False, jobs=2)
+    assert not (tmp_path / "_build" / "html").exists()
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The smoke book, end to end
 # ------------------------------------------------------------------------------------------------------------------

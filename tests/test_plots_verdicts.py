@@ -148,6 +148,43 @@ def test_verdict_functions_name_missing_columns():
         verdicts.krs_below_everywhere(sweep_table(), experiment="mlp")
 
 
+def relearn_table(unrelated_last=0.8, partial_last=0.3):
+    """Two methods, two concepts; ROUGE-L 0.2 at step 0 for every pair, rising linearly to the given value."""
+    rows = []
+    for data, last in (("unrelated", unrelated_last), ("partial", partial_last)):
+        for method in ("grad_diff", "dpo"):
+            for concept in ("A", "B"):
+                for step, frac in ((0, 0.0), (2, 0.5), (4, 1.0)):
+                    rows.append(dict(model="m", concept=concept, method=method, data=data, step=step,
+                                     split="target", metric="rougeL", value=0.2 + frac * (last - 0.2), n=3,
+                                     settings="{}"))
+                    rows.append(dict(model="m", concept=concept, method=method, data=data, step=step,
+                                     split="target", metric="accuracy", value=0.0, n=3, settings="{}"))
+    return pd.DataFrame(rows)
+
+
+def test_relearning_recovers_true_false_and_undecided():
+    t = relearn_table(unrelated_last=0.8, partial_last=0.3)
+    v = verdicts.relearning_recovers(t, data="unrelated")
+    # (0.8 - 0.2) / (1 - 0.2) = 0.75 of the gap, for both methods
+    assert v.holds is True and v.evidence["steps"] == 4
+    assert v.evidence["dpo_recovered"] == pytest.approx(0.75) and v.evidence["grad_diff_unlearned"] == pytest.approx(0.2)
+    p = verdicts.relearning_recovers(t, data="partial")
+    assert p.holds is False and p.evidence["grad_diff_recovered"] == pytest.approx(0.125)
+    assert "12%" in p.sentence or "13%" in p.sentence
+    # One method below the bar is enough to say no
+    mixed = t.copy()
+    low = (mixed["method"] == "dpo") & (mixed["data"] == "unrelated") & (mixed["step"] == 4)
+    mixed.loc[low & (mixed["metric"] == "rougeL"), "value"] = 0.3
+    assert verdicts.relearning_recovers(mixed, data="unrelated").holds is False
+    assert verdicts.relearning_recovers(t[t["data"] == "partial"], data="unrelated").holds is None
+    # Nothing forgotten: nothing to win back
+    full = t.assign(value=1.0)
+    assert verdicts.relearning_recovers(full, data="unrelated").holds is None
+    with pytest.raises(ValueError, match="relearning_recovers: the table lacks column.*step"):
+        verdicts.relearning_recovers(t.drop(columns=["step"]))
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # plots
 # ------------------------------------------------------------------------------------------------------------------
@@ -179,6 +216,9 @@ def test_charts_build_valid_specs_with_fixed_colours():
     loss = plots.loss_curves(curves).to_dict()
     plots.change_by_layer(change_table(), quantities=("coef", "value")).to_dict()
     plots.accuracy_by_concept(answers_table([True, False])).to_dict()
+    relearn = plots.relearning_curves(relearn_table()).to_dict()
+    assert _colour_map(relearn)["dpo"] == plots.METHOD_COLOURS["dpo"]
+    assert "pick_concept" in json.dumps(relearn) and relearn["facet"]["column"]["field"] == "data_label"
     # The same method has the same colour in every chart; the experiments keep theirs.
     for spec in (beh, loss):
         cmap = _colour_map(spec)

@@ -20,6 +20,7 @@ chapter that raised), jupyter/ (the kernel spec of the current Python).
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -126,6 +127,25 @@ def _layers(v):
     raise ValueError("not null or a list of layer numbers")
 
 
+def _steps(v):
+    if isinstance(v, (list, tuple)) and v and all(_is_int(x) and 0 <= x <= 1000 for x in v):
+        return sorted(set(v))
+    raise ValueError("not a non-empty list of step counts")
+
+
+def _relearn_data(v):
+    v = [v] if isinstance(v, str) else v
+    if isinstance(v, (list, tuple)) and all(x in ("unrelated", "partial") for x in v):
+        return list(dict.fromkeys(v))
+    raise ValueError("not a list of relearning data kinds")
+
+
+def _positive_float(v):
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1:
+        return float(v)
+    raise ValueError("not a number in (0, 1)")
+
+
 def _unlearning_settings(v):
     if v is None:
         return {}
@@ -178,6 +198,17 @@ PARAMETERS: dict[str, ParamSpec] = {
     "device": ParamSpec("null (the model's default), cpu, cuda, cuda:N, mps or auto", _device),
     "dtype": ParamSpec("null (the model's default) or one of " + ", ".join(DTYPES), _choice(DTYPES, none_ok=True)),
     "seed": ParamSpec("an integer >= 0", _int(0)),
+    "second_concepts": ParamSpec("null (the same concepts as the first model), 'all', N (the first N concepts of "
+                                 "the set) or a list of concept names", lambda v: None if v is None
+                                 else _concept_selection(v)),
+    "second_methods": ParamSpec("null (the same methods as the first model) or a non-empty list of "
+                                + ", ".join(METHODS), lambda v: None if v is None else _subset(METHODS)(v)),
+    "relearn_steps": ParamSpec("a non-empty list of step counts from 0 to 1000 (0 = the unlearned model itself)",
+                               _steps),
+    "relearn_data": ParamSpec("a list (empty = skip relearning) of 'unrelated' (text of a concept neither forgotten "
+                              "nor retained) and 'partial' (half of the target questions; the other half is scored)",
+                              _relearn_data),
+    "relearn_lr": ParamSpec("a number in (0, 1): the relearning fine-tune's learning rate", _positive_float),
     "second_model": ParamSpec("null (skip) or a model (as for `model`) of another family, dissected the same way",
                               _str_or_none),
 }
@@ -572,24 +603,52 @@ def _file_inputs(params: dict) -> dict:
     return out
 
 
-def _kernel_spec(build_dir: Path) -> Path:
-    """A kernel spec running this very Python, in the build folder (nothing is installed elsewhere)."""
-    folder = build_dir / "jupyter"
-    spec = folder / "kernels" / KERNEL_NAME / "kernel.json"
+def _kernel_spec(build_dir: Path, stem: str, threads: int | None = None) -> str:
+    """A kernel spec for chapter `stem` that runs this very Python, in the build folder (nothing is installed
+    elsewhere); returns its name. Its environment tells plots.show() where to save the chapter's static images
+    (per kernel, so chapters can run side by side) and, when chapters share the cores, how many threads torch uses
+    (two processes each using every core run several times slower than one at a time)."""
+    name = f"{KERNEL_NAME}-{re.sub(r'[^a-z0-9_.-]', '-', stem.lower())}"
+    env = {"DISSECT_UNLEARNING_FIGURES": f"figures/{stem}"}
+    if threads:
+        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    spec = build_dir / "jupyter" / "kernels" / name / "kernel.json"
     content = json.dumps({"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-                          "display_name": "Python (dissect-unlearning)", "language": "python"}, indent=1)
+                          "display_name": f"Python (dissect-unlearning, {stem})", "language": "python",
+                          "env": env}, indent=1)
     if not spec.is_file() or spec.read_text() != content:
         cache.atomic_write_text(spec, content)
-    return folder
+    return name
+
+
+@contextlib.contextmanager
+def _jupyter_path(build_dir: Path):
+    """Make the build's kernel specs findable (JUPYTER_PATH) for the duration of a build. A no-op when they already
+    are, so chapters executing side by side (build(jobs=2) sets it once around them) never race on the variable."""
+    folder = str(build_dir / "jupyter")
+    before = os.environ.get("JUPYTER_PATH")
+    if before and folder in before.split(os.pathsep):
+        yield
+        return
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (folder, before) if p)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("JUPYTER_PATH", None)
+        else:
+            os.environ["JUPYTER_PATH"] = before
 
 
 def execute_chapter(chapter: Chapter, params: dict, build_dir: Path, *, force: bool = False,
-                    verbose: bool = True) -> ChapterRun:
-    """Execute `chapter` with `params` into the cache (or reuse the entry of an earlier identical run)."""
+                    verbose: bool = True, threads: int | None = None) -> ChapterRun:
+    """Execute `chapter` with `params` into the cache (or reuse the entry of an earlier identical run).
+
+    `threads`: torch threads of the chapter's kernel (None: torch's default, every core)."""
     inputs = {"notebook": _notebook_hash(chapter.path), "stem": chapter.stem, "parameters": params,
               "files": _file_inputs(params), "package": package_hash(), "versions": versions()}
     reused = not force and cache.lookup("chapter", inputs) is not None
-    jupyter_path = _kernel_spec(build_dir)
+    kernel = _kernel_spec(build_dir, chapter.stem, threads)
 
     def run(tmp: Path) -> None:
         import papermill
@@ -598,28 +657,20 @@ def execute_chapter(chapter: Chapter, params: dict, build_dir: Path, *, force: b
         if verbose:
             print(f"[book] {chapter.stem}: executing ...", flush=True)
         out_nb = tmp / f"{chapter.stem}.ipynb"
-        env_before = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "DISSECT_UNLEARNING_FIGURES")}
-        os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (str(jupyter_path), env_before["JUPYTER_PATH"]) if p)
-        # The kernel inherits this: plots.show() saves static images where the page will link them.
-        os.environ["DISSECT_UNLEARNING_FIGURES"] = f"figures/{chapter.stem}"
         t0 = time.time()
         try:
-            papermill.execute_notebook(
-                str(chapter.path), str(out_nb), parameters=params, kernel_name=KERNEL_NAME, cwd=str(tmp),
-                progress_bar=False, stderr_file=sys.stderr if verbose else None, request_save_on_cell_execute=False,
-            )
+            with _jupyter_path(build_dir):
+                papermill.execute_notebook(
+                    str(chapter.path), str(out_nb), parameters=params, kernel_name=kernel, cwd=str(tmp),
+                    progress_bar=False, stderr_file=sys.stderr if verbose else None,
+                    request_save_on_cell_execute=False,
+                )
         except PapermillExecutionError as exc:
             failed = build_dir / "failed" / f"{chapter.stem}.ipynb"
             if out_nb.is_file():
                 failed.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(out_nb, failed)
             raise BookError(_failure_message(chapter, exc, out_nb, failed)) from None
-        finally:
-            for k, v in env_before.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         seconds = time.time() - t0
         run_info = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"), "seconds": seconds,
                     "model": params.get("model"), "versions": versions(),
@@ -637,10 +688,17 @@ def _failure_message(chapter: Chapter, exc, out_nb: Path, failed: Path) -> str:
 
     index = exc.cell_index
     try:
-        nb = nbformat.read(str(out_nb), as_version=4)
-        injected = [i for i, c in enumerate(nb.cells) if "injected-parameters" in c.metadata.get("tags", [])]
-        if injected and injected[0] < index:
-            index -= 1
+        # The failing cell's own source names it in the source notebook (papermill's index counts the cells it
+        # inserts: the injected parameters and its error banners).
+        source = nbformat.read(str(chapter.path), as_version=4)
+        same = [i for i, c in enumerate(source.cells) if c.cell_type == "code" and c.source == exc.source]
+        if len(same) == 1:
+            index = same[0]
+        else:
+            nb = nbformat.read(str(out_nb), as_version=4)
+            injected = [i for i, c in enumerate(nb.cells) if "injected-parameters" in c.metadata.get("tags", [])]
+            if injected and injected[0] < index:
+                index -= 1
     except (OSError, ValueError):
         pass
     first_line = next((ln for ln in (exc.source or "").splitlines() if ln.strip()), "")
@@ -806,11 +864,15 @@ class BuildReport:
 
 
 def build(profile: str | Path = "default", only=None, overrides: dict | None = None, *, root: Path | None = None,
-          output: Path | None = None, force: bool = False, html: bool = True, verbose: bool = True) -> BuildReport:
+          output: Path | None = None, force: bool = False, html: bool = True, verbose: bool = True,
+          jobs: int = 1) -> BuildReport:
     """Execute the chapters of the toc (or only those named) with `profile` (+ -p overrides) and render the book.
 
     Everything is checked before anything runs: profile, chapter names, parameter names and values.
     `output`: the folder that receives `_build/` (default: the project folder).
+    `jobs`: chapters executing side by side, in toc order, each kernel with cores/jobs torch threads. Chapters share
+    their artefacts through the cache, whose locks make a chapter wait for a model another one is still training, so
+    a later chapter works on the first (concept, method) pairs while an earlier one trains the next.
     """
     t0 = time.time()
     root = Path(root).resolve() if root else project_root()
@@ -829,17 +891,37 @@ def build(profile: str | Path = "default", only=None, overrides: dict | None = N
     overrides = check_overrides(overrides or {}, selected)
     plan = [(ch, *resolve_parameters(ch, prof, {k: v for k, v in overrides.items() if k in ch.parameters()},
                                      with_sources=True)) for ch in selected]
+    if not (_is_int(jobs) and jobs >= 1):
+        raise BookError(f"jobs must be an integer >= 1, got {jobs!r}")
+    jobs = min(jobs, len(plan))
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     report = BuildReport(prof.name)
     if verbose:
-        print(f"[book] profile {prof.name}: {len(plan)} chapter(s)", flush=True)
-    for ch, params, sources in plan:
-        run = execute_chapter(ch, params, build_dir, force=force, verbose=verbose)
-        run.sources = sources
-        report.runs.append(run)
-        if verbose:
-            how = (f"unchanged, reused (executed in {run.seconds:.1f} s)" if run.reused
-                   else f"executed in {run.seconds:.1f} s")
-            print(f"[book] {ch.stem}: {how}", flush=True)
+        print(f"[book] profile {prof.name}: {len(plan)} chapter(s)"
+              + (f", {jobs} at a time ({threads} torch thread(s) each)" if jobs > 1 else ""), flush=True)
+
+    with _jupyter_path(build_dir):
+        if jobs == 1:
+            report.runs = [_execute_one(item, build_dir, force, verbose, threads) for item in plan]
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # Processes, not threads: papermill changes the process's working directory while it executes. The
+            # first failure (in toc order) is raised once the running chapters end; the others are cancelled.
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(_execute_one, item, build_dir, force, verbose, threads) for item in plan]
+                errors = []
+                for f in futures:
+                    try:
+                        report.runs.append(f.result())
+                    except BaseException as exc:  # noqa: BLE001 - re-raised below, after the others stop
+                        errors.append(exc)
+                        for g in futures:
+                            g.cancel()
+                        break
+            if errors:
+                raise errors[0]
     if html:
         src = stage(root, build_dir, report.runs, prof.name)
         missing = [ch.stem for ch in all_chapters
@@ -851,6 +933,17 @@ def build(profile: str | Path = "default", only=None, overrides: dict | None = N
             print(f"[book] open {report.html / 'index.html'}", flush=True)
     report.seconds = time.time() - t0
     return report
+
+
+def _execute_one(item, build_dir: Path, force: bool, verbose: bool, threads: int | None) -> ChapterRun:
+    ch, params, sources = item
+    run = execute_chapter(ch, params, build_dir, force=force, verbose=verbose, threads=threads)
+    run.sources = sources
+    if verbose:
+        how = (f"unchanged, reused (executed in {run.seconds:.1f} s)" if run.reused
+               else f"executed in {run.seconds:.1f} s")
+        print(f"[book] {ch.stem}: {how}", flush=True)
+    return run
 
 
 def _check_documented(ch: Chapter) -> None:

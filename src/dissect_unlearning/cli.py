@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -55,7 +56,7 @@ def _cmd_build(args) -> int:
     from . import book
 
     report = book.build(args.profile, only=args.only, overrides=_book_overrides(args.param), force=args.force,
-                        html=not args.no_html, output=args.output)
+                        html=not args.no_html, output=args.output, jobs=args.jobs)
     print(f"[book] {len(report.executed)} chapter(s) executed, {len(report.reused)} reused, "
           f"{report.seconds:.1f} s in all")
     return 0
@@ -228,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="execute even chapters whose inputs did not change")
     b.add_argument("--no-html", action="store_true", help="execute only; do not run Jupyter Book")
     b.add_argument("--output", help="folder that receives _build/ (default: the project folder)")
+    b.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="chapters executed side by side, each with cores/jobs torch threads (default: 2 where "
+                        "there are 2 or more cores; 1 = one after another)")
     b.set_defaults(func=_cmd_build)
 
     r = sub.add_parser("run", help="re-execute one chapter with a profile and -p overrides, then rebuild the HTML")

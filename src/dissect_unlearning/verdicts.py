@@ -268,6 +268,39 @@ def perplexity_rises(behaviour: pd.DataFrame, split: str = "heldout_text", min_r
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Relearning table (pipeline.relearn)
+# --------------------------------------------------------------------------------------------------------------------
+def relearning_recovers(relearn: pd.DataFrame, data: str = "unrelated", min_recovered: float = 0.5,
+                        metric: str = "rougeL", vanilla: float = 1.0) -> Verdict:
+    """A few relearning steps on `data` win back at least `min_recovered` of what unlearning removed, for every
+    method: (score after the last step - unlearned score) / (vanilla - unlearned score), concept means averaged per
+    method. `vanilla` is the vanilla model's score (ROUGE-L of the vanilla answer against itself: 1)."""
+    _require(relearn, ["method", "concept", "data", "step", "metric", "value"], "relearning_recovers")
+    df = relearn[(relearn["data"] == data) & (relearn["metric"] == metric)]
+    claim = (f"A few fine-tuning steps on {data} data win back {min_recovered:.0%} or more of the forgotten "
+             f"{_metric(metric)}, for every method")
+    if df.empty:
+        return Verdict(claim, None, {}, f"Undecided: no relearning rows for data {data!r} and metric {metric!r}.")
+    first, last = int(df["step"].min()), int(df["step"].max())
+    per = df[df["step"].isin([first, last])].pivot_table(index=["method", "concept"], columns="step",
+                                                         values="value", aggfunc="mean")
+    t = per.groupby("method", sort=False).mean()
+    removed = vanilla - t[first]
+    recovered = (t[last] - t[first]) / removed.where(removed > 0)
+    if recovered.isna().all():
+        return Verdict(claim, None, {}, "Undecided: unlearning removed nothing to win back.")
+    holds = bool((recovered.dropna() >= min_recovered).all())
+    evidence = {"steps": last, **{f"{m}_recovered": float(r) for m, r in recovered.items()},
+                **{f"{m}_unlearned": float(t.loc[m, first]) for m in t.index},
+                **{f"{m}_relearned": float(t.loc[m, last]) for m in t.index}}
+    parts = ", ".join(f"{m} {t.loc[m, first]:.2f} -> {t.loc[m, last]:.2f} ({recovered[m]:.0%} of the gap)"
+                      for m in t.index)
+    sentence = (f"{'Yes' if holds else 'No'}: {_metric(metric)} of the target answers after {last} steps on "
+                f"{data} data: {parts}.")
+    return Verdict(claim, holds, evidence, sentence)
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Answers table (pipeline.answers)
 # --------------------------------------------------------------------------------------------------------------------
 def model_knows_concepts(answers: pd.DataFrame, min_accuracy: float = 0.5) -> Verdict:

@@ -43,7 +43,9 @@ def build(folder: Path, model_name: str, forget, retain, config: UnlearnConfig, 
     model, tok = models.load(model_name)
     result = trainer.unlearn(model, tok, forget, retain, config, qa=qa, retain_qa=retain_qa, progress=progress)
     t0 = time.time()
-    vanilla, _ = models.load(model_name)
+    # The delta is computed on the CPU (storage works on CPU copies), so the vanilla weights it is taken against are
+    # loaded there, in the runtime dtype the model was trained in: no second model on the GPU.
+    vanilla, _ = models.load(model_name, device="cpu")
     manifest = storage.save_delta(model, vanilla, folder)
     record = {
         "format": "dissect-unlearning/unlearned-1",
@@ -112,8 +114,10 @@ class Unlearned:
         return dict(self.record["identity"] or {})
 
     def load(self, verify: bool = True):
-        """(model, tokenizer) in eval mode: the vanilla model with the stored delta applied."""
-        model, tok = models.load(self.model)
+        """(model, tokenizer) in eval mode: the vanilla model with the stored delta applied, on the runtime device
+        (models.set_runtime) and in the dtype the model was trained in (the delta fits that dtype only)."""
+        dtype = json.loads((self.folder / storage.MANIFEST).read_text())["dtype"]
+        model, tok = models.load(self.model, dtype=dtype)
         storage.apply_delta(model, self.folder, verify=verify)
         return model.eval(), tok
 

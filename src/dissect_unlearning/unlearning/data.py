@@ -42,6 +42,10 @@ class Part:
     labels: torch.Tensor
     index: torch.Tensor
 
+    def to(self, device) -> "Part":
+        """The model's inputs on `device` (a no-op where they already are); `index` stays on the CPU for look-ups."""
+        return Part(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.index)
+
 
 def text_chunks(tok, text: str, chunk_tokens: int) -> list[list[int]]:
     """Consecutive chunks of `chunk_tokens` tokens; a short tail (under a quarter chunk) is dropped unless alone."""

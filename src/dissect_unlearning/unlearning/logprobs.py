@@ -23,7 +23,9 @@ class Losses:
 
 
 def sequence_logprobs(model, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of log p(token) over the labelled tokens of each sequence [B], number of labelled tokens [B])."""
+    """(sum of log p(token) over the labelled tokens of each sequence [B], number of labelled tokens [B]), on the
+    model's device: batches are collated on the CPU and moved here, the one place every loss reads them."""
+    part = part.to(next(model.parameters()).device)
     logits = model(input_ids=part.input_ids, attention_mask=part.attention_mask).logits
     # The logits at position t predict token t + 1.
     logits = logits[:, :-1].float()

@@ -27,6 +27,7 @@ import torch
 
 FORMAT = "dissect-unlearning-delta/1"
 ENCODINGS = ("zigzag", "xor")
+MANIFEST = "delta.json"
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 _INT = {2: np.int16, 4: np.int32, 8: np.int64}
 
@@ -38,7 +39,9 @@ def _bits(model) -> tuple[list[tuple[str, torch.nn.Parameter]], np.ndarray, torc
     if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
         raise ValueError(f"delta storage needs all parameters in one float dtype, got {sorted(map(str, dtypes))}")
     dtype = next(iter(dtypes))
-    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+    # Bit patterns are handled on the CPU (numpy, zstandard): each parameter is copied off a GPU one at a time, so
+    # the GPU never holds a second full copy of the model (.cpu() returns a CPU tensor itself, no copy).
+    flat = torch.cat([p.detach().reshape(-1).cpu() for _, p in named])
     size = flat.element_size()
     return named, flat.view(getattr(torch, f"int{8 * size}")).numpy().view(_UINT[size]), dtype
 
@@ -108,7 +111,7 @@ def save_delta(model, vanilla, folder: Path, *, encoding: str = "zigzag", order:
         "params": shapes, "n_values": int(u.size), "plane_bytes": sizes,
         "sha256": sha256(u), "vanilla_sha256": sha256(v),
     }
-    (folder / "delta.json").write_text(json.dumps(manifest, indent=1))
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -117,7 +120,7 @@ def apply_delta(model, folder: Path, *, verify: bool = True):
     import zstandard
 
     folder = Path(folder)
-    manifest = json.loads((folder / "delta.json").read_text())
+    manifest = json.loads((folder / MANIFEST).read_text())
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{folder / 'delta.json'}: unknown format {manifest.get('format')!r}")
     if manifest["byteorder"] != sys.byteorder:
@@ -145,6 +148,6 @@ def apply_delta(model, folder: Path, *, verify: bool = True):
     offset = 0
     with torch.no_grad():
         for _, p in named:
-            p.copy_(values[offset:offset + p.numel()].view_as(p))
+            p.copy_(values[offset:offset + p.numel()].view_as(p))  # copy_ moves the CPU values to p's device
             offset += p.numel()
     return model

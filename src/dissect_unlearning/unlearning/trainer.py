@@ -73,8 +73,9 @@ def reference_logprobs(model, data, parts, indices, pad_id: int, batch_size: int
     out = {}
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device  # kept where the losses compare them with the model's log-probs
     for part in parts:
-        values = torch.full((len(data.forget),), float("nan"))
+        values = torch.full((len(data.forget),), float("nan"), device=device)
         idx = sorted(indices)
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
