@@ -14,16 +14,24 @@ from dataclasses import dataclass
 
 METHODS = ("grad_ascent", "grad_diff", "npo", "dpo", "idk_dpo")
 
-# Target (issue 3): each method brings the target questions' ROUGE-L (vs the vanilla answers) to <= 0.35 while the
-# unrelated questions keep >= 0.6, in <= 90 s on a 2-core CPU. The search is benchmarks/sweep_unlearning.py; it has
-# not yet found settings that meet both bounds on SmolLM2-135M-Instruct (forgetting is easy, keeping unrelated
-# answers is not), so these are the ConceptVectors-style starting values, not tuned ones.
+# Chosen by benchmarks/sweep_unlearning.py on SmolLM2-135M-Instruct, averaged over the default profile's five concepts
+# (Harry Potter, The Lord of the Rings, Valentine's Day, Austria, France), 8 x 5 steps each. The target: target-question
+# ROUGE-L (vs the vanilla answers) <= 0.35 with unrelated-question ROUGE-L >= 0.6.
+#   grad_diff  lr 2.5e-5: 0.330 / 0.633  meets it   (2e-5: 0.363 / 0.694)
+#   dpo        lr 1.5e-5: 0.322 / 0.646  meets it   (1.3e-5: 0.362 / 0.677; 1e-5: 0.383 / 0.751)
+#   npo        lr 9e-6:   0.340 / 0.560  forgets, unrelated short by 0.04 (6e-6: 0.416 / 0.744; with a retain term
+#                         of 1.5 at 1.2e-5 the unrelated answers fare worse)
+#   grad_ascent lr 1e-5:  0.339 / 0.572  forgets, unrelated short by 0.03 (7e-6: 0.383 / 0.731)
+#   idk_dpo    lr 6e-6, retain 3: 0.383 / 0.586  neither (4e-6: 0.446 / 0.679; 1e-5, retain 1: refuses everything)
+# Where a method misses, the default favours forgetting (the object of study) and the book shows the side effects.
+# Concepts differ a lot: France is forgotten at any of these settings and takes many of its unrelated questions with
+# it (8 of its 20 ask about other countries); Harry Potter and The Lord of the Rings resist.
 METHOD_DEFAULTS: dict[str, dict] = {
     "grad_ascent": dict(lr=1e-5, retain_weight=0.0),
-    "grad_diff": dict(lr=1e-5, retain_weight=1.5),
-    "npo": dict(lr=1e-5, retain_weight=0.0),
-    "dpo": dict(lr=1e-5, retain_weight=0.0),
-    "idk_dpo": dict(lr=1e-5, retain_weight=1.0, forget_text=False),
+    "grad_diff": dict(lr=2.5e-5, retain_weight=1.5),
+    "npo": dict(lr=9e-6, retain_weight=0.0),
+    "dpo": dict(lr=1.5e-5, retain_weight=0.0),
+    "idk_dpo": dict(lr=6e-6, retain_weight=3.0, forget_text=False),
 }
 
 
@@ -31,10 +39,10 @@ METHOD_DEFAULTS: dict[str, dict] = {
 class UnlearnConfig:
     method: str = "grad_diff"
     # Optimiser: AdamW with linear warm-up to `lr`, then constant.
-    lr: float = 1e-5
-    steps: int | None = 10  # optimiser steps; or give `epochs` (passes over the forget set) and steps=None
+    lr: float = 2.5e-5
+    steps: int | None = 5  # optimiser steps; or give `epochs` (passes over the forget set) and steps=None
     epochs: float | None = None
-    batch_size: int = 4  # forget examples per step (and as many retain / chosen examples)
+    batch_size: int = 8  # forget examples per step (and as many retain / chosen examples)
     warmup_steps: int = 2
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
