@@ -10,7 +10,7 @@ import nbformat
 import pytest
 import yaml
 
-from dissect_unlearning import book, cli
+from dissect_unlearning import book, cli, precompute
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_PROFILES = {"default", "smoke", "paper", "gemma", "ndif"}
@@ -247,8 +247,12 @@ def test_smoke_profile_builds_the_whole_book(smoke_book):
         for url in re.findall(r'href="(figures/[^"]+\.svg)"', page.read_text()):
             assert (page.parent / url).is_file(), url
     assert list((html / "notebooks" / "figures").rglob("*.svg"))
-    # nothing changed: nothing is executed again
-    assert second.executed == [] and second.reused == toc_chapters
+    # the precompute stage left the chapters nothing heavy to compute, and it failed nowhere
+    assert first.precomputed and not [r["error"] for r in first.precomputed if r["error"]]
+    heavy = [kind for kind, _ in first.built_by_chapters if kind in precompute.HEAVY_KINDS]
+    assert heavy == [], f"the chapters built {heavy}: precompute.tasks() misses a stage they use"
+    # nothing changed: nothing is executed again, nothing precomputed
+    assert second.executed == [] and second.reused == toc_chapters and second.precomputed == []
     assert [r.chapter.stem for r in only.runs] == ["02_model_organism"] and only.executed == []
     for stem in toc_chapters:
         assert (html / "notebooks" / f"{stem}.html").is_file()

@@ -258,6 +258,30 @@ def test_delta_storage_is_bit_exact_and_logits_are_unchanged(tmp_path, encoding,
         storage.apply_delta(other, tmp_path)
 
 
+def test_repeated_loads_reuse_the_vanilla_order_but_still_refuse_another_base(tmp_path, monkeypatch):
+    from conftest import make_tiny_llama
+
+    model, _, _ = trained()
+    vanilla, _ = make_tiny_llama()
+    storage.save_delta(model, vanilla, tmp_path)
+    calls = []
+    real = storage._exponent_order
+    monkeypatch.setattr(storage, "_exponent_order", lambda v: calls.append(1) or real(v))
+    for _ in range(3):  # the base model is loaded fresh each time, as Unlearned.load() does
+        restored, _ = make_tiny_llama()
+        storage.apply_delta(restored, tmp_path)
+        assert all(torch.equal(x, y) for x, y in zip(model.parameters(), restored.parameters()))
+    assert len(calls) == 0  # save_delta computed it for this very base model
+    other, _ = make_tiny_llama(seed=1)  # another base: the remembered order must not be used for it
+    with pytest.raises(ValueError, match="base model"):
+        storage.apply_delta(other, tmp_path)
+    nearly, _ = make_tiny_llama()
+    with torch.no_grad():
+        next(nearly.parameters()).view(-1)[5] += 1.0  # one weight differs: the copy comparison catches it
+    with pytest.raises(ValueError, match="base model"):
+        storage.apply_delta(nearly, tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------------- pipeline
 @pytest.fixture
 def concept_file(tmp_path):
@@ -293,6 +317,26 @@ def test_unlearned_is_cached_and_exports_a_loadable_checkpoint(tiny_checkpoint, 
     assert json.loads((out / "unlearning.json").read_text())["settings"]["method"] == "npo"
     other = pipeline.unlearned(tiny_checkpoint, concept_file, "Paris", "npo", progress=False, **{**FAST, "seed": 1})
     assert other.folder != u.folder
+
+
+def test_keep_loaded_rebuilds_once_and_hands_out_independent_copies(tiny_checkpoint, concept_file, monkeypatch):
+    from dissect_unlearning.unlearning import artefact
+
+    u = pipeline.unlearned(tiny_checkpoint, concept_file, "Paris", "grad_diff", progress=False, **FAST)
+    fresh, _ = u.load()
+    rebuilds = []
+    real = storage.apply_delta
+    monkeypatch.setattr(storage, "apply_delta", lambda *a, **k: rebuilds.append(1) or real(*a, **k))
+    with artefact.keep_loaded():
+        first, _ = u.load()
+        with torch.no_grad():
+            for p in first.parameters():
+                p.add_(1.0)  # what restoration or relearning might do to a loaded model
+        second, _ = u.load()
+        assert rebuilds == [1] and second is not first and not second.training
+        assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), second.parameters()))
+    u.load()
+    assert rebuilds == [1, 1]  # outside the block nothing is kept
 
 
 def test_an_interrupted_run_leaves_no_entry(tiny_checkpoint, concept_file, monkeypatch):

@@ -203,6 +203,9 @@ PARAMETERS: dict[str, ParamSpec] = {
                                  else _concept_selection(v)),
     "second_methods": ParamSpec("null (the same methods as the first model) or a non-empty list of "
                                 + ", ".join(METHODS), lambda v: None if v is None else _subset(METHODS)(v)),
+    "beyond_concepts": ParamSpec("null (the same concepts as `concepts`), 'all', N (the first N concepts of the "
+                                 "set) or a list of concept names", lambda v: None if v is None
+                                 else _concept_selection(v)),
     "relearn_steps": ParamSpec("a non-empty list of step counts from 0 to 1000 (0 = the unlearned model itself)",
                                _steps),
     "relearn_data": ParamSpec("a list (empty = skip relearning) of 'unrelated' (text of a concept neither forgotten "
@@ -640,13 +643,17 @@ def _jupyter_path(build_dir: Path):
             os.environ["JUPYTER_PATH"] = before
 
 
+def _chapter_inputs(chapter: Chapter, params: dict) -> dict:
+    return {"notebook": _notebook_hash(chapter.path), "stem": chapter.stem, "parameters": params,
+            "files": _file_inputs(params), "package": package_hash(), "versions": versions()}
+
+
 def execute_chapter(chapter: Chapter, params: dict, build_dir: Path, *, force: bool = False,
                     verbose: bool = True, threads: int | None = None) -> ChapterRun:
     """Execute `chapter` with `params` into the cache (or reuse the entry of an earlier identical run).
 
     `threads`: torch threads of the chapter's kernel (None: torch's default, every core)."""
-    inputs = {"notebook": _notebook_hash(chapter.path), "stem": chapter.stem, "parameters": params,
-              "files": _file_inputs(params), "package": package_hash(), "versions": versions()}
+    inputs = _chapter_inputs(chapter, params)
     reused = not force and cache.lookup("chapter", inputs) is not None
     kernel = _kernel_spec(build_dir, chapter.stem, threads)
 
@@ -853,6 +860,8 @@ class BuildReport:
     runs: list[ChapterRun] = field(default_factory=list)
     html: Path | None = None
     seconds: float = 0.0
+    precomputed: list[dict] = field(default_factory=list)  # precompute.run's results
+    built_by_chapters: list[tuple[str, str]] = field(default_factory=list)  # (kind, key) the chapters built
 
     @property
     def executed(self) -> list[str]:
@@ -865,7 +874,7 @@ class BuildReport:
 
 def build(profile: str | Path = "default", only=None, overrides: dict | None = None, *, root: Path | None = None,
           output: Path | None = None, force: bool = False, html: bool = True, verbose: bool = True,
-          jobs: int = 1) -> BuildReport:
+          jobs: int = 1, precompute: bool = True) -> BuildReport:
     """Execute the chapters of the toc (or only those named) with `profile` (+ -p overrides) and render the book.
 
     Everything is checked before anything runs: profile, chapter names, parameter names and values.
@@ -873,6 +882,8 @@ def build(profile: str | Path = "default", only=None, overrides: dict | None = N
     `jobs`: chapters executing side by side, in toc order, each kernel with cores/jobs torch threads. Chapters share
     their artefacts through the cache, whose locks make a chapter wait for a model another one is still training, so
     a later chapter works on the first (concept, method) pairs while an earlier one trains the next.
+    `precompute`: first compute what the chapters to execute will need, one task per unlearned model, `jobs` at a
+    time (precompute.py); the chapters then execute from a warm cache.
     """
     t0 = time.time()
     root = Path(root).resolve() if root else project_root()
@@ -893,13 +904,53 @@ def build(profile: str | Path = "default", only=None, overrides: dict | None = N
                                      with_sources=True)) for ch in selected]
     if not (_is_int(jobs) and jobs >= 1):
         raise BookError(f"jobs must be an integer >= 1, got {jobs!r}")
-    jobs = min(jobs, len(plan))
+    requested_jobs, jobs = jobs, min(jobs, len(plan))
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     report = BuildReport(prof.name)
     if verbose:
         print(f"[book] profile {prof.name}: {len(plan)} chapter(s)"
               + (f", {jobs} at a time ({threads} torch thread(s) each)" if jobs > 1 else ""), flush=True)
 
+    from . import precompute as precompute_mod
+
+    if precompute:
+        todo = [item for item in plan if force or cache.lookup("chapter", _chapter_inputs(item[0], item[1])) is None]
+        report.precomputed = precompute_mod.run(todo, requested_jobs, verbose)
+    log = build_dir / "built-by-chapters.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text("")
+    before_log = os.environ.get(cache.BUILD_LOG_ENV)
+    os.environ[cache.BUILD_LOG_ENV] = str(log)  # chapter kernels inherit it
+    try:
+        _execute_chapters(report, plan, build_dir, force, verbose, jobs, threads)
+    finally:
+        if before_log is None:
+            os.environ.pop(cache.BUILD_LOG_ENV, None)
+        else:
+            os.environ[cache.BUILD_LOG_ENV] = before_log
+    report.built_by_chapters = cache.built(log)
+    heavy = [kind for kind, _ in report.built_by_chapters if kind in precompute_mod.HEAVY_KINDS]
+    if precompute and heavy and verbose:
+        from collections import Counter
+
+        counts = ", ".join(f"{n} {k}" for k, n in Counter(heavy).items())
+        print(f"[book] note: the chapters computed artefacts the precompute stage did not ({counts}); "
+              f"precompute.tasks() is missing a stage some chapter uses", flush=True)
+    if html:
+        src = stage(root, build_dir, report.runs, prof.name)
+        missing = [ch.stem for ch in all_chapters
+                   if ch.in_toc and not (src / "notebooks" / f"{ch.stem}.ipynb").is_file()]
+        if missing and verbose:
+            print(f"[book] not in this HTML (never built; run `dissect-unlearning build`): {', '.join(missing)}")
+        report.html = render_html(src, output, verbose)
+        if verbose:
+            print(f"[book] open {report.html / 'index.html'}", flush=True)
+    report.seconds = time.time() - t0
+    return report
+
+
+def _execute_chapters(report: BuildReport, plan, build_dir: Path, force: bool, verbose: bool, jobs: int,
+                      threads: int | None) -> None:
     with _jupyter_path(build_dir):
         if jobs == 1:
             report.runs = [_execute_one(item, build_dir, force, verbose, threads) for item in plan]
@@ -922,17 +973,6 @@ def build(profile: str | Path = "default", only=None, overrides: dict | None = N
                         break
             if errors:
                 raise errors[0]
-    if html:
-        src = stage(root, build_dir, report.runs, prof.name)
-        missing = [ch.stem for ch in all_chapters
-                   if ch.in_toc and not (src / "notebooks" / f"{ch.stem}.ipynb").is_file()]
-        if missing and verbose:
-            print(f"[book] not in this HTML (never built; run `dissect-unlearning build`): {', '.join(missing)}")
-        report.html = render_html(src, output, verbose)
-        if verbose:
-            print(f"[book] open {report.html / 'index.html'}", flush=True)
-    report.seconds = time.time() - t0
-    return report
 
 
 def _execute_one(item, build_dir: Path, force: bool, verbose: bool, threads: int | None) -> ChapterRun:

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 CACHE_ENV = "DISSECT_UNLEARNING_CACHE"
+# When set, every artefact built (not found) appends "<kind> <key>" to this file: how a build learns what its
+# chapters computed themselves (book.build checks that its precompute stage left them nothing heavy to do).
+BUILD_LOG_ENV = "DISSECT_UNLEARNING_BUILD_LOG"
 # Bump when a change of code changes what an artefact contains: every key includes it.
 CODE_VERSION = "2"
 
@@ -106,10 +109,27 @@ def get_or_build(kind: str, inputs: dict, build: Callable[[Path], None], *, forc
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            _log_build(kind, k)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
+
+
+def _log_build(kind: str, k: str) -> None:
+    log = os.environ.get(BUILD_LOG_ENV)
+    if log:
+        # One short line in append mode: writes from processes side by side do not interleave.
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"{kind} {k}\n")
+
+
+def built(log: str | Path) -> list[tuple[str, str]]:
+    """The (kind, key) pairs a build log holds, in order."""
+    path = Path(log)
+    if not path.is_file():
+        return []
+    return [tuple(line.split(" ", 1)) for line in path.read_text(encoding="utf-8").splitlines() if " " in line]
 
 
 def lookup(kind: str, inputs: dict) -> Path | None:

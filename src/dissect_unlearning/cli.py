@@ -56,7 +56,8 @@ def _cmd_build(args) -> int:
     from . import book
 
     report = book.build(args.profile, only=args.only, overrides=_book_overrides(args.param), force=args.force,
-                        html=not args.no_html, output=args.output, jobs=args.jobs)
+                        html=not args.no_html, output=args.output, jobs=args.jobs,
+                        precompute=not args.no_precompute)
     print(f"[book] {len(report.executed)} chapter(s) executed, {len(report.reused)} reused, "
           f"{report.seconds:.1f} s in all")
     return 0
@@ -70,7 +71,8 @@ def _cmd_run(args) -> int:
         print(book.describe_parameters(chapter))
         return 0
     report = book.build(args.profile, only=[chapter.stem], overrides=_book_overrides(args.param), force=args.force,
-                        html=not args.no_html, output=args.output)
+                        html=not args.no_html, output=args.output, jobs=args.jobs,
+                        precompute=not args.no_precompute)
     run = report.runs[0]
     print(f"[book] {chapter.stem}: {'reused' if run.reused else 'executed'} in {run.seconds:.1f} s; "
           f"executed notebook: {run.notebook}")
@@ -231,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--output", help="folder that receives _build/ (default: the project folder)")
     b.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="chapters executed side by side, each with cores/jobs torch threads (default: 2 where "
-                        "there are 2 or more cores; 1 = one after another)")
+                        "there are 2 or more cores; 1 = one after another); also the precompute tasks run side "
+                        "by side")
+    _add_precompute_flag(b)
     b.set_defaults(func=_cmd_build)
 
     r = sub.add_parser("run", help="re-execute one chapter with a profile and -p overrides, then rebuild the HTML")
@@ -243,8 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="execute even if an identical run is cached")
     r.add_argument("--no-html", action="store_true", help="execute only; do not run Jupyter Book")
     r.add_argument("--output", help="folder that receives _build/ (default: the project folder)")
+    r.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="precompute tasks run side by side, each with cores/jobs torch threads (default: 2 where "
+                        "there are 2 or more cores)")
+    _add_precompute_flag(r)
     r.set_defaults(func=_cmd_run)
     return p
+
+
+def _add_precompute_flag(p) -> None:
+    p.add_argument("--no-precompute", action="store_true",
+                   help="let each chapter compute what it needs itself, instead of first computing everything the "
+                        "chapters need one unlearned model at a time (slower: each chapter reloads the models)")
 
 
 def _add_unlearning_flags(p) -> None:

@@ -1,0 +1,96 @@
+"""The precompute stage: which tasks a build plan makes, and the in-process model memo they rely on."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dissect_unlearning import book, cache, precompute
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def plan(profile="default", overrides=None, only=None):
+    prof = book.load_profile(profile, ROOT)
+    chs = [ch for ch in book.chapters(ROOT) if ch.in_toc and (only is None or ch.number in only)]
+    return [(ch, *book.resolve_parameters(ch, prof, {k: v for k, v in (overrides or {}).items()
+                                                     if k in ch.parameters()}, with_sources=True)) for ch in chs]
+
+
+def stages(t, name):
+    return [kw for s, kw in t.stages if s == name]
+
+
+def test_one_task_per_unlearned_model_and_it_trains_first():
+    todo = precompute.tasks(plan())
+    prof = book.load_profile("default", ROOT).parameters
+    pairs = [(t.model, t.concept, t.method) for t in todo if t.concept]
+    assert len(pairs) == len(set(pairs))  # each unlearned model in exactly one task
+    main = {("smollm2-135m", c, m) for c in prof["concepts"] for m in prof["methods"]}
+    second = {(prof["second_model"], c, m) for c in prof["second_concepts"] for m in prof["second_methods"]}
+    assert set(pairs) == main | second
+    for t in todo:
+        if t.concept:
+            assert t.stages[0] == ("unlearned", {})
+            assert len(t.stages) == len({cache.canonical_json(s) for s in t.stages})  # no stage twice
+    estimates = [t.estimate("smollm2-135m") for t in todo]
+    assert estimates == sorted(estimates, reverse=True)  # longest first
+
+
+def test_tasks_follow_the_chapters_parameters():
+    todo = {(t.model, t.concept, t.method): t for t in precompute.tasks(plan())}
+    prof = book.load_profile("default", ROOT).parameters
+    hp = todo[("smollm2-135m", "Harry Potter", "dpo")]
+    france = todo[("smollm2-135m", "France", "dpo")]
+    # reverse patching and relearning only for beyond_concepts (Harry Potter, not France)
+    assert [kw["direction"] for kw in stages(hp, "sweep") if kw["direction"] != "forward"] == ["reverse"]
+    assert not [kw for kw in stages(france, "sweep") if kw["direction"] != "forward"]
+    assert [kw["data"] for kw in stages(hp, "relearn")] == prof["relearn_data"] and not stages(france, "relearn")
+    # chapter 5: value first, then the beyond-paper restorations; chapters 6/7: the last layer, target and unrelated
+    sweeps = stages(france, "sweep")
+    assert {"experiments": ["value", "key", "mlp", "layer"], "window": 5, "layers": None, "alignment": "answer",
+            "remote": False, "kind": "target", "direction": "forward"} in sweeps
+    last = [kw for kw in sweeps if kw["layers"] == [-1]]
+    assert sorted(kw["kind"] for kw in last) == ["target", "unrelated"]  # chapters 6 and 7 share the target one
+    gemma = todo[("gemma3-270m", "Harry Potter", "grad_diff")]
+    assert [s for s, _ in gemma.stages] == ["unlearned", "answers", "sweep"]
+
+
+def test_parameter_overrides_reach_the_tasks_and_remote_chapters_are_left_alone():
+    todo = precompute.tasks(plan(overrides={"methods": ["npo"], "concepts": ["Austria"], "window": 3,
+                                            "beyond_concepts": None, "second_model": None}))
+    assert {(t.concept, t.method) for t in todo if t.concept} == {("Austria", "npo")}
+    (t,) = [t for t in todo if t.concept]
+    assert {kw.get("window") for kw in stages(t, "sweep") if kw["layers"] is None} == {3}
+    assert stages(t, "relearn")  # beyond_concepts None: every chosen concept
+    assert precompute.tasks(plan(overrides={"remote": True}, only={4, 5, 6, 7})) == []
+
+
+def test_a_failing_stage_is_reported_not_raised(monkeypatch):
+    from dissect_unlearning import pipeline
+
+    def broken(*a, **k):
+        raise RuntimeError("no such model here")
+
+    monkeypatch.setattr(pipeline, "unlearned", broken)
+    t = precompute.Task("smollm2-135m", "Harry Potter", "grad_diff",
+                        {"concept_set": "builtin", "n_questions": 1, "n_unrelated": 0, "prompt_format": "paper",
+                         "unlearning": {}, "device": None, "dtype": None}, [("unlearned", {})])
+    r = precompute.run_task(t)
+    assert r["stages"] == [] and "no such model here" in r["error"]
+
+
+def test_the_build_log_records_what_was_built_not_what_was_found(tmp_path, monkeypatch):
+    log = tmp_path / "built.log"
+    monkeypatch.setenv(cache.BUILD_LOG_ENV, str(log))
+    cache.get_or_build("thing", {"a": 1}, lambda f: (f / "x").write_text("1"))
+    cache.get_or_build("thing", {"a": 1}, lambda f: pytest.fail("rebuilt"))
+    with pytest.raises(RuntimeError):
+        cache.get_or_build("thing", {"a": 2}, lambda f: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert cache.built(log) == [("thing", cache.key("thing", {"a": 1}))]
+    assert cache.built(tmp_path / "absent.log") == []
+
+
+def test_the_mirrored_chapters_exist():
+    stems = {ch.stem for ch in book.chapters(ROOT) if ch.in_toc}
+    assert set(precompute.CHAPTERS) <= stems, "a chapter was renamed: update precompute.CHAPTERS"
