@@ -46,10 +46,14 @@ def test_tasks_follow_the_chapters_parameters():
     assert [kw["direction"] for kw in stages(hp, "sweep") if kw["direction"] != "forward"] == ["reverse"]
     assert not [kw for kw in stages(france, "sweep") if kw["direction"] != "forward"]
     assert [kw["data"] for kw in stages(hp, "relearn")] == prof["relearn_data"] and not stages(france, "relearn")
-    # chapter 5: value first, then the beyond-paper restorations; chapters 6/7: the last layer, target and unrelated
+    # chapter 5: value vectors everywhere, the beyond-paper restorations on beyond_concepts only
     sweeps = stages(france, "sweep")
-    assert {"experiments": ["value", "key", "mlp", "layer"], "window": 5, "layers": None, "alignment": "answer",
-            "remote": False, "kind": "target", "direction": "forward"} in sweeps
+    value = {"experiments": ["value"], "window": 5, "layers": None, "alignment": "answer", "remote": False,
+             "kind": "target", "direction": "forward"}
+    assert value in sweeps and value in stages(hp, "sweep")
+    assert {**value, "experiments": ["key", "mlp", "layer"]} in stages(hp, "sweep")
+    assert not [kw for kw in sweeps if "key" in kw["experiments"]]
+    # chapters 6/7: the last layer, target and unrelated
     last = [kw for kw in sweeps if kw["layers"] == [-1]]
     assert sorted(kw["kind"] for kw in last) == ["target", "unrelated"]  # chapters 6 and 7 share the target one
     gemma = todo[("gemma3-270m", "Harry Potter", "grad_diff")]

@@ -406,6 +406,20 @@ def prepare_tokenizer(tok):
     return tok
 
 
+@contextlib.contextmanager
+def _quiet_loading(quiet: bool) -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if quiet and was:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was:
+            hf_logging.enable_progress_bar()
+
+
 def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | None = None, device: str | None = None):
     """Load (model, tokenizer) in eval mode. Registry names are provisioned on first use.
 
@@ -419,7 +433,8 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | None = None, device:
     kind, where = resolve(name_or_path)
     torch_dtype = getattr(torch, dtype) if dtype else (torch.float32 if kind != "hub" else "auto")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch_dtype)
+        with _quiet_loading(kind != "hub"):  # a local checkpoint loads in a second: no bar per load
+            model = AutoModelForCausalLM.from_pretrained(str(where), dtype=torch_dtype)
     except OSError as exc:
         hint = ("it is a hub id: this needs network access to the model hub (or a local copy in its cache)"
                 if kind == "hub" else "the checkpoint folder is unreadable or incomplete")

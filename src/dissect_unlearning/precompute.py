@@ -91,6 +91,8 @@ def tasks(plan) -> list[Task]:
         model = p["model"]
         chosen = cset.select(p["concepts"]).names if "concepts" in p else []
         pairs = [(c, m) for c in chosen for m in p.get("methods", [])]
+        # chapters 5 and 8 run their beyond-the-paper experiments on these only
+        beyond = cset.select(p["beyond_concepts"]).names if p.get("beyond_concepts") else chosen
         trace = {"alignment": p.get("alignment"), "remote": p.get("remote")}
         win = {"window": p.get("window"), "layers": p.get("layers"), **trace}
         activations = {"experiments": PATCHED_ACTIVATIONS, **win}
@@ -105,9 +107,11 @@ def tasks(plan) -> list[Task]:
             elif n == 4:
                 task(model, c, m, p).add("sweep", **activations)
             elif n == 5:
-                restored = list(dict.fromkeys(["value", *p.get("restorations", [])]))
-                task(model, c, m, p).add("sweep", experiments=restored, **win)
+                task(model, c, m, p).add("sweep", experiments=["value"], **win)
                 task(model, c, m, p).add("sweep", **activations)
+                extra = [r for r in dict.fromkeys(p.get("restorations", [])) if r != "value"]
+                if extra and c in beyond:
+                    task(model, c, m, p).add("sweep", experiments=extra, **win)
             elif n == 6:
                 task(model, c, m, p).add("sweep", **last)
                 task(model, c, m, p).add("sweep", **activations)
@@ -117,7 +121,6 @@ def tasks(plan) -> list[Task]:
                 task(model, c, m, p).add("sweep", **last, kind="unrelated")
                 task(model, c, m, p).add("sweep", **last, kind="target")
         if n == 8:
-            beyond = cset.select(p["beyond_concepts"]).names if p.get("beyond_concepts") else chosen
             for c in beyond:
                 for m in p.get("methods", []):
                     task(model, c, m, p).add("sweep", **activations, direction="reverse")
