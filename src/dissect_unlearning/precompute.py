@@ -79,7 +79,8 @@ def tasks(plan) -> list[Task]:
         ctx = _context(p)
         key = (model, concept, method, cache.canonical_json(ctx))
         if key not in found:
-            found[key] = Task(model, concept, method, ctx)
+            # an unlearned model's task trains it first: every other stage needs it
+            found[key] = Task(model, concept, method, ctx, [("unlearned", {})] if concept is not None else [])
         return found[key]
 
     for item in plan:
@@ -102,7 +103,6 @@ def tasks(plan) -> list[Task]:
                                            include_unrelated=True)
         for c, m in pairs:
             if n == 3:
-                task(model, c, m, p).add("unlearned")
                 task(model, c, m, p).add("behaviour")
             elif n == 4:
                 task(model, c, m, p).add("sweep", **activations)
@@ -136,15 +136,8 @@ def tasks(plan) -> list[Task]:
                 for c in names:
                     for m in methods:
                         task(second, c, m, p).add("sweep", **activations)
-    out = [t for t in found.values() if t.stages]
     main = next((item[1].get("model") for item in plan), None)
-    # Training first within a task (the other stages need the model); longest tasks first across them.
-    for t in out:
-        if t.concept is not None:
-            t.stages.sort(key=lambda s: s[0] != "unlearned")
-            if ("unlearned", {}) not in t.stages:
-                t.stages.insert(0, ("unlearned", {}))
-    return sorted(out, key=lambda t: -t.estimate(main))
+    return sorted(found.values(), key=lambda t: -t.estimate(main))  # longest first
 
 
 def run_task(t: Task, threads: int | None = None) -> dict:
@@ -172,9 +165,8 @@ def run_task(t: Task, threads: int | None = None) -> dict:
             for stage, kw in t.stages:
                 s0 = time.time()
                 if stage == "answers":
-                    select = kw["select"]
                     extra = {} if kw["max_new_tokens"] is None else {"max_new_tokens": kw["max_new_tokens"]}
-                    pipeline.answers(t.model, cset, select=select, prompt_format=fmt,
+                    pipeline.answers(t.model, cset, select=kw["select"], prompt_format=fmt,
                                      include_unrelated=kw["include_unrelated"], progress=False, **extra)
                 elif stage == "unlearned":
                     u = pipeline.unlearned(t.model, cset, t.concept, t.method, progress=False, prompt_format=fmt,
