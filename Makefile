@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make book   set up the environment, then execute every chapter on the embedded default model and build the HTML
-#   make test   set up the environment, then run the test suite (unit + integration + smoke book build)
+#   make test   set up the environment, then run the test suite (unit tests + the smoke book build)
+#   make test-slow  the integration checks on the real default model (kept out of make test)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv

@@ -123,7 +123,7 @@ def paper_sweep(vanilla, unlearned, inputs, experiments=experiments_mod.PAPER_EX
                 output = unlearned(**batch)
                 unlearned.load_state_dict(old_params)
             else:
-                hooks = set_act_modify_hooks(unlearned, arch, n_layers, exp.coef, exp.attn, ori_coef, ori_attn, layers)
+                hooks = set_act_modify_hooks(unlearned, arch, n_layers, "coef" in exp.sites, "attn" in exp.sites, ori_coef, ori_attn, layers)
                 output = unlearned(**batch)
                 remove_hooks(hooks)
             new_losses = [compute_loss(original_output.logits[i, cols, :], output.logits[i, cols, :])

@@ -5,12 +5,14 @@ import shutil
 import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
 import pytest
 import yaml
 
-from dissect_unlearning import book, cli, precompute
+from dissect_unlearning import book, cache, cli, concepts, precompute, unlearning, validate
+from dissect_unlearning.patching import experiments
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED_PROFILES = {"default", "smoke", "paper", "gemma", "ndif"}
@@ -49,7 +51,7 @@ def test_every_chapter_documents_its_parameters_and_every_profile_is_valid():
     chapters = book.chapters(ROOT)
     assert chapters and all(ch.in_toc for ch in chapters if ch.stem.startswith("02_"))
     for ch in chapters:
-        book._check_documented(ch)  # in the schema, commented, default allowed
+        book.check_documented(ch)  # in the schema, commented, default allowed
         assert all(len(p.help) > 15 for p in ch.parameters().values()), ch.stem
     assert REQUIRED_PROFILES <= set(book.profile_names(ROOT))
     for name in book.profile_names(ROOT):
@@ -100,6 +102,87 @@ def test_bad_parameter_value_lists_the_allowed_values(capsys):
     assert "methods" in capsys.readouterr().err
     assert cli.main(["run", "2", "-p", "window"]) == 2
     assert "expected key=value" in capsys.readouterr().err
+
+
+def test_the_schema_takes_its_vocabularies_from_the_registries(monkeypatch):
+    restoring = [name for name, e in experiments.EXPERIMENTS.items() if e.restores_parameters]
+    assert book.check_value("restorations", restoring, "t") == restoring
+    with pytest.raises(book.BookError, match="bad value \\['coef'\\] for parameter 'restorations'; allowed: "
+                       "a non-empty list of " + ", ".join(restoring)):
+        book.check_value("restorations", ["coef"], "t")  # patches activations, restores no parameter
+    # an experiment registered after the book was imported is a restoration too
+    monkeypatch.setitem(experiments.EXPERIMENTS, "probe", SimpleNamespace(restores_parameters=True))
+    assert book.check_value("restorations", ["probe"], "t") == ["probe"]
+    assert book.PARAMETERS["restorations"].allowed.endswith(", probe")
+    assert book.check_value("methods", list(unlearning.METHODS), "t") == list(unlearning.METHODS)
+    assert book.check_value("second_methods", None, "t") is None
+    with pytest.raises(book.BookError, match="allowed: a non-empty list of " + ", ".join(unlearning.METHODS)):
+        book.check_value("methods", ["sgd"], "t")
+    assert book.check_value("unlearning", {"lr": 1e-5}, "t") == {"lr": 1e-5}
+    with pytest.raises(book.BookError, match="any of: lr, "):
+        book.check_value("unlearning", {"learning_rate": 1e-5}, "t")
+
+
+@pytest.mark.parametrize("name, good, bad", [
+    ("device", [None, "cpu", "cuda", "cuda:1", "mps", "auto"], ["gpu", "cuda:", "CUDA", 0]),
+    ("dtype", [None, *validate.DTYPES], ["fp16", "float64", 32]),
+    ("seed", [0, 7], [-1, True, 1.0, "1"]),
+    ("window", [1, 99], [0, 100, False]),
+    ("relearn_lr", [1e-5, 0.5], [0, 1, float("nan"), float("inf"), True]),
+])
+def test_parameter_checks_share_the_package_validators(name, good, bad):
+    for v in good:
+        assert book.check_value(name, v, "t") == v
+    for v in bad:
+        with pytest.raises(book.BookError, match=f"bad value .* for parameter '{name}'"):
+            book.check_value(name, v, "t")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["build", "--jobs", "0"], "argument --jobs: expected an integer >= 1, got '0'"),
+    (["run", "2", "--jobs", "two"], "argument --jobs: expected an integer >= 1, got 'two'"),
+    (["unlearn", "--concept", "Austria", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
+    (["sweep", "--unlearned", "x", "--out", "x.parquet", "--window", "-1"], "argument --window: expected an integer"),
+])
+def test_command_line_numbers_are_checked_before_anything_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_concept_set_cuts_every_concept_and_stays_importable_from_the_book():
+    assert book.concept_set is concepts.concept_set  # the chapters' old spelling, kept while they move
+    full = concepts.concept_set("builtin")
+    assert full.content_hash() == concepts.load("builtin").content_hash()
+    cut = concepts.concept_set("builtin", 2, 1)
+    assert cut.names == full.names and cut.content_hash() != full.content_hash()
+    for a, b in zip(full, cut):
+        assert b.questions == a.questions[:2] and b.unrelated_questions == a.unrelated_questions[:1]
+        assert b.answers == (a.answers[:2] if a.answers else None)
+        assert b.text_completion == a.text_completion[:2]
+    assert "(first 2 questions, 1 unrelated)" in cut.source
+    assert concepts.concept_set("builtin", 2, 1).content_hash() == cut.content_hash()  # a stable cache key
+
+
+def test_the_project_is_found_from_anywhere_in_a_checkout(tmp_path, monkeypatch):
+    monkeypatch.delenv(book.BOOK_ENV, raising=False)
+    assert book.project_root(ROOT / "notebooks") == ROOT
+    assert book.project_root(tmp_path) == ROOT  # outside it: the checkout the package is installed from
+    monkeypatch.setenv(book.BOOK_ENV, str(tmp_path))
+    with pytest.raises(book.BookError, match="has no _toc.yml"):
+        book.project_root()
+
+
+def test_a_chapter_is_stale_when_any_module_of_the_package_changes(monkeypatch):
+    # the package's code is part of every cache key, the executed chapters' included
+    from dissect_unlearning import versions
+
+    ch = book.find_chapter("model_organism", ROOT)
+    params = book.resolve_parameters(ch, book.load_profile("smoke", ROOT))
+    before = cache.key("chapter", book.execute.chapter_inputs(ch, params))
+    monkeypatch.setattr(versions, "_PACKAGE_HASH", "0" * 16)
+    assert cache.key("chapter", book.execute.chapter_inputs(ch, params)) != before
 
 
 def test_bad_profile_is_refused_naming_file_and_parameter(tmp_path):

@@ -98,3 +98,127 @@ def test_builtin_set_is_valid_and_large_enough():
         words = len(c.forget_text.split())
         assert 200 <= words <= 400, f"{c.label}: forget text has {words} words"
         assert not set(c.unrelated_questions) & set(c.questions), c.label
+
+
+def load_error(tmp_path, data, name="bad.json") -> tuple[str, str]:
+    """(message, file) of the ConceptDataError that loading `data` from a file raises."""
+    p = write(tmp_path, data, name)
+    with pytest.raises(concepts.ConceptDataError) as err:
+        concepts.load(p)
+    return str(err.value), str(p)
+
+
+def test_ids_must_be_unique(tmp_path):
+    msg, path = load_error(tmp_path, [record(id=1), record("Star Wars", id=1)])
+    assert path in msg
+    assert "record 1 (concept 'Star Wars'): field 'id' is 1, the id of record 0 (concept 'Harry Potter') too" in msg
+    msg, _ = load_error(tmp_path, [record(ID=4), record("Star Wars", ID=4)])
+    assert "record 1 (concept 'Star Wars'): field 'ID' is 4" in msg
+
+
+def test_labels_must_be_unique(tmp_path):
+    # 'A' repeats, so its records are labelled by id: the second one's label is the first record's name
+    msg, path = load_error(tmp_path, [record("A#3"), record("A", id=3), record("A", layer=4, id=4)])
+    assert path in msg
+    assert "record 1 (concept 'A'): fields 'Concept' and 'id' give the label 'A#3' of record 0 (concept 'A#3')" in msg
+    # a repeat without an id is labelled by its index, which another repeat's id may already be
+    msg, _ = load_error(tmp_path, [record("A", id=1), record("A", layer=4)])
+    assert "record 1 (concept 'A'): fields 'Concept' and 'id' give the label 'A#1' of record 0" in msg
+
+
+def test_names_differing_only_in_white_space_or_case_are_an_error(tmp_path):
+    msg, path = load_error(tmp_path, [record("Harry Potter"), record("Star Wars"), record(" harry  potter", layer=3)])
+    assert path in msg
+    assert ("record 2 (concept ' harry  potter'): field 'Concept' differs from 'Harry Potter' of record 0 only in "
+            "white space or case") in msg
+    # the same name at two locations is two samples of one concept, not an error
+    assert concepts.load(write(tmp_path, [record(layer=1), record(layer=2)])).names == ["Harry Potter#0",
+                                                                                          "Harry Potter#1"]
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("Layer", -5, "field 'Layer' must be an integer from 0 to 1023, got -5"),
+    ("Layer", 10 ** 40, f"field 'Layer' must be an integer from 0 to 1023, got {10 ** 40}"),
+    ("Dim", 1 << 20, f"field 'Dim' must be an integer from 0 to {(1 << 20) - 1}, got {1 << 20}"),
+    ("Dim", -1, "field 'Dim' must be an integer from 0 to"),
+    ("Layer", 1e40, "field 'Layer' must be an integer, got float 1e+40"),
+    ("Dim", 5.0, "field 'Dim' must be an integer, got float 5.0"),
+    ("Layer", True, "field 'Layer' must be an integer, got bool True"),
+])
+def test_layer_and_dim_are_non_negative_integers_within_bounds(tmp_path, field, value, expected):
+    msg, path = load_error(tmp_path, [record(), record("Star Wars", **{field: value})])
+    assert path in msg and f"record 1 (concept 'Star Wars'): {expected}" in msg
+
+
+def test_locations_are_checked_against_a_model(tmp_path):
+    cs = concepts.load(write(tmp_path, [record(layer=3, dim=10), record("Star Wars", layer=4, dim=64)]))
+    assert cs.check_against(n_layers=5, mlp_dim=65) is cs
+    with pytest.raises(concepts.ConceptDataError) as err:
+        cs.check_against(n_layers=4, mlp_dim=64)
+    msg = str(err.value)
+    assert str(tmp_path / "c.json") in msg
+    assert "record 1 (concept 'Star Wars'): field 'Layer' is 4, but the model has 4 layers (0 to 3)" in msg
+    assert "record 1 (concept 'Star Wars'): field 'Dim' is 64, but the model's MLP has 64 neurons (0 to 63)" in msg
+    assert "record 0" not in msg
+
+
+def test_the_shipped_set_fits_the_default_models_shape():
+    # SmolLM2-135M: 30 layers, an MLP 1536 wide
+    concepts.load("builtin").check_against(n_layers=30, mlp_dim=1536)
+
+
+def test_an_empty_concept_set_is_an_error(tmp_path):
+    msg, path = load_error(tmp_path, [])
+    assert path in msg and "it holds no concept records (an empty list)" in msg
+    p = tmp_path / "empty.json"
+    for text in ("", " \n"):
+        p.write_text(text, encoding="utf-8")
+        with pytest.raises(concepts.ConceptDataError) as err:
+            concepts.load(p)
+        assert str(p) in str(err.value) and "the file is empty" in str(err.value)
+
+
+def test_select_takes_all_a_positive_count_or_names(tmp_path):
+    p = write(tmp_path, [record(), record("Star Wars"), record("Moon")])
+    cs = concepts.load(p)
+    assert cs.select("all") is cs and cs.select(None) is cs
+    assert cs.select(2).names == ["Harry Potter", "Star Wars"]
+    assert cs.select("Moon").names == ["Moon"]
+    assert cs.select(["Moon", "Harry Potter"]).names == ["Moon", "Harry Potter"]
+    for bad in (0, -1):
+        with pytest.raises(ValueError) as err:
+            cs.select(bad)
+        assert str(err.value) == (f"cannot select {bad} concepts from {p}: select takes 'all', a number N >= 1 "
+                                  f"(the first N concepts) or concept names")
+    with pytest.raises(ValueError) as err:
+        cs.select(4)
+    assert str(err.value) == f"cannot select the first 4 concepts from {p}: it holds 3"
+    for bad in (True, [], 2.0):
+        with pytest.raises(ValueError, match="select takes 'all'"):
+            cs.select(bad)
+    with pytest.raises(ValueError, match="concept 'Moon' is named twice"):
+        cs.select(["Moon", "Moon"])
+
+
+def test_a_missing_concept_is_named_whole(tmp_path):
+    p = write(tmp_path, [record(), record("Moon")])
+    cs = concepts.load(p)
+    with pytest.raises(KeyError) as err:
+        cs.select("Mars")
+    assert str(err.value) == f"no concept 'Mars' in {p}; concepts: Harry Potter, Moon"
+    with pytest.raises(KeyError) as err:
+        cs.get(2)
+    assert str(err.value) == f"no concept at index 2 in {p}: it holds 2 concepts (indices 0 to 1)"
+    with pytest.raises(KeyError, match="no concept at index -1"):
+        cs.get(-1)
+
+
+def test_an_ambiguous_name_suggests_only_existing_labels(tmp_path):
+    # id 0 is a real id: the suggestion must be its label, not the record's index
+    cs = concepts.load(write(tmp_path, [record(id=5), record(layer=3, id=0)]))
+    assert cs.names == ["Harry Potter#5", "Harry Potter#0"]
+    with pytest.raises(KeyError) as err:
+        cs.get("Harry Potter")
+    assert str(err.value).endswith("use one of Harry Potter#5, Harry Potter#0")
+    for label in cs.names:
+        assert cs.get(label).label == label

@@ -3,7 +3,7 @@ import pytest
 
 from dissect_unlearning import concepts, models, pipeline, prompts
 
-pytestmark = pytest.mark.integration
+pytestmark = pytest.mark.slow
 
 
 def test_batched_answers_equal_unbatched_on_the_real_model(default_model):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers as T
 
-from dissect_unlearning import models
+from dissect_unlearning import concepts, models
 
 SMALL = dict(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=1, head_dim=8, max_position_embeddings=32)
@@ -39,6 +39,7 @@ def test_architecture_map_finds_every_object(family):
     layer = layers[1]
     hidden = model.config.hidden_size if family != "gpt2" else model.config.n_embd
     inter = SMALL["intermediate_size"] if family != "gpt2" else 4 * hidden
+    assert models.mlp_dim(model) == inter
     value = models.get_module(layer, arch.value_weight)
     # value vectors live in the residual stream: one per MLP neuron
     assert value.shape[arch.value_axis] == inter and value.shape[1 - arch.value_axis] == hidden
@@ -94,12 +95,14 @@ def test_local_checkpoint_loads_and_its_fingerprint_follows_the_weights(tiny_che
     assert models.identity(str(tmp_path / "changed")) != before
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_default_model_is_provisioned_and_loads_offline(default_model):
     model, tok = default_model
     assert models.is_provisioned("smollm2-135m")
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
     assert model.config.intermediate_size == 1536 and model.dtype == torch.float32
+    assert models.mlp_dim(model) == 1536
+    concepts.load("builtin").check_against(models.n_layers(model), models.mlp_dim(model))
     prov = json.loads((models.provisioned_path("smollm2-135m") / "provenance.json").read_text())
     assert len(prov["gguf_sha256"]) == 64
     out = subprocess.run([sys.executable, "-m", "dissect_unlearning.cli", "models", "--json"], capture_output=True,

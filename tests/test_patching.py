@@ -281,6 +281,24 @@ def test_restoring_everything_that_changed_gives_krs_1():
     np.testing.assert_allclose(krs_of(df, "layer"), 1.0, atol=1e-5)
 
 
+def test_a_metric_callable_takes_the_place_of_the_loss():
+    vanilla, tok = tiny()
+    unlearned = perturbed(vanilla)
+    p, a = qa(tok)
+    kw = dict(experiments=["coef", "value"], window=3)
+    mse = patching.run(vanilla, unlearned, tok, p, a, **kw)
+    assert patching.run(vanilla, unlearned, tok, p, a, metric=patching.mse, **kw).equals(mse)  # the default
+    doubled = patching.run(vanilla, unlearned, tok, p, a, metric=lambda ref, x: 2 * patching.mse(ref, x), **kw)
+    assert list(doubled.columns) == patching.ENGINE_COLUMNS
+    np.testing.assert_allclose(doubled.loss_patched, 2 * mse.loss_patched, rtol=1e-5)
+    np.testing.assert_allclose(doubled.krs, mse.krs, atol=1e-5)
+    by_kl = patching.run(vanilla, unlearned, tok, p, a, metric=patching.kl, **kw)
+    np.testing.assert_allclose(by_kl.loss_patched, by_kl.kl, rtol=1e-3, atol=1e-9)
+    np.testing.assert_allclose(by_kl.krs, 1 - by_kl.kl / by_kl.kl_unpatched, rtol=1e-3, atol=1e-6)
+    with pytest.raises(TypeError, match="metric must be a callable"):
+        patching.run(vanilla, unlearned, tok, p, a, metric="kl", **kw)
+
+
 def test_patching_a_model_with_itself_gives_loss_0(tiny_llama):
     model, tok = tiny_llama
     p, a = qa(tok)
@@ -506,7 +524,7 @@ def test_cli_sweep(pair_checkpoints, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------------------
 # The real default model
 # ----------------------------------------------------------------------------------------------------------------------
-@pytest.mark.integration
+@pytest.mark.slow
 def test_default_model_engine_matches_the_paper_style_hooks(default_model):
     vanilla, tok = default_model
     # A quick "unlearned" model: noise on the last 10 layers, value vectors (down_proj) left alone.

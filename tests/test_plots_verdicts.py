@@ -217,22 +217,22 @@ def test_charts_build_valid_specs_with_fixed_colours():
     plots.change_by_layer(change_table(), quantities=("coef", "value")).to_dict()
     plots.accuracy_by_concept(answers_table([True, False])).to_dict()
     relearn = plots.relearning_curves(relearn_table()).to_dict()
-    assert _colour_map(relearn)["dpo"] == plots.METHOD_COLOURS["dpo"]
+    assert _colour_map(relearn)["dpo"] == plots.method_colours()["dpo"]
     assert "pick_concept" in json.dumps(relearn) and relearn["facet"]["column"]["field"] == "data_label"
     # The same method has the same colour in every chart; the experiments keep theirs.
     for spec in (beh, loss):
         cmap = _colour_map(spec)
-        assert cmap["dpo"] == plots.METHOD_COLOURS["dpo"] and cmap["grad_diff"] == plots.METHOD_COLOURS["grad_diff"]
-    assert _colour_map(krs)["value"] == plots.EXPERIMENT_COLOURS["value"]
+        assert cmap["dpo"] == plots.method_colours()["dpo"] and cmap["grad_diff"] == plots.method_colours()["grad_diff"]
+    assert _colour_map(krs)["value"] == plots.experiment_colours()["value"]
     # Interactive: tooltips and drop-downs for method and concept (two of each in the synthetic sweep).
     text = json.dumps(krs)
     assert '"tooltip"' in text and "pick_method" in text and "pick_concept" in text
 
 
 def test_a_method_outside_the_palette_gets_a_spare_colour():
-    domain, colours = plots._palette(["dpo", "my_method"], plots.METHOD_COLOURS)
+    domain, colours = plots._palette(["dpo", "my_method"], plots.method_colours())
     assert domain == ["dpo", "my_method"]
-    assert colours[0] == plots.METHOD_COLOURS["dpo"] and colours[1] not in plots.METHOD_COLOURS.values()
+    assert colours[0] == plots.method_colours()["dpo"] and colours[1] not in plots.method_colours().values()
 
 
 def test_charts_refuse_tables_without_their_columns():

@@ -1,11 +1,11 @@
-"""The precompute stage: which tasks a build plan makes, and the in-process model memo they rely on."""
+"""The precompute stage: the tasks derived from the chapters' own study cells run in plan mode."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 
-from dissect_unlearning import book, cache, precompute
+from dissect_unlearning import book, cache, precompute, study as study_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,7 +18,7 @@ def plan(profile="default", overrides=None, only=None):
 
 
 def stages(t, name):
-    return [kw for s, kw in t.stages if s == name]
+    return [r.kwargs for r in t.requests if r.stage == name]
 
 
 def test_one_task_per_unlearned_model_and_it_trains_first():
@@ -31,8 +31,8 @@ def test_one_task_per_unlearned_model_and_it_trains_first():
     assert set(pairs) == main | second
     for t in todo:
         if t.concept:
-            assert t.stages[0] == ("unlearned", {})
-            assert len(t.stages) == len({cache.canonical_json(s) for s in t.stages})  # no stage twice
+            assert t.requests[0].stage == "unlearned" and t.requests[0].kwargs == {}
+            assert len(t.requests) == len(set(t.requests))  # no request twice
     estimates = [t.estimate("smollm2-135m") for t in todo]
     assert estimates == sorted(estimates, reverse=True)  # longest first
 
@@ -57,7 +57,10 @@ def test_tasks_follow_the_chapters_parameters():
     last = [kw for kw in sweeps if kw["layers"] == [-1]]
     assert sorted(kw["kind"] for kw in last) == ["target", "unrelated"]  # chapters 6 and 7 share the target one
     gemma = todo[("gemma3-270m", "Harry Potter", "grad_diff")]
-    assert [s for s, _ in gemma.stages] == ["unlearned", "answers", "sweep"]
+    assert gemma.stages == ["unlearned", "sweep"]
+    # the second model's vanilla answers are asked for once, in a task of their own
+    (answers,) = [t for t in todo.values() if t.model == "gemma3-270m" and t.concept is None]
+    assert answers.stages == ["answers"] and answers.requests[0].kwargs["include_unrelated"] is False
 
 
 def test_parameter_overrides_reach_the_tasks_and_remote_chapters_are_left_alone():
@@ -77,9 +80,10 @@ def test_a_failing_stage_is_reported_not_raised(monkeypatch):
         raise RuntimeError("no such model here")
 
     monkeypatch.setattr(pipeline, "unlearned", broken)
-    t = precompute.Task("smollm2-135m", "Harry Potter", "grad_diff",
-                        {"concept_set": "builtin", "n_questions": 1, "n_unrelated": 0, "prompt_format": "paper",
-                         "unlearning": {}, "device": None, "dtype": None}, [("unlearned", {})])
+    context = cache.canonical_json({"concept_set": "builtin", "n_questions": 1, "n_unrelated": 0,
+                                    "prompt_format": "paper", "unlearning": {}, "device": None, "dtype": None})
+    t = precompute.Task("smollm2-135m", "Harry Potter", "grad_diff", context)
+    t.add(study_mod.Request("unlearned", "smollm2-135m", "Harry Potter", "grad_diff", (), context))
     r = precompute.run_task(t)
     assert r["stages"] == [] and "no such model here" in r["error"]
 
@@ -95,6 +99,27 @@ def test_the_build_log_records_what_was_built_not_what_was_found(tmp_path, monke
     assert cache.built(tmp_path / "absent.log") == []
 
 
-def test_the_mirrored_chapters_exist():
-    stems = {ch.stem for ch in book.chapters(ROOT) if ch.in_toc}
-    assert set(precompute.CHAPTERS) <= stems, "a chapter was renamed: update precompute.CHAPTERS"
+def test_every_chapter_plans_what_it_computes_through_its_study_cells():
+    for ch in book.chapters(ROOT):
+        if ch.in_toc:
+            assert precompute.study_cells(ch.path), f"{ch.stem} has no cell tagged 'study'"
+
+
+def test_a_changed_notebook_call_changes_the_plan_without_touching_the_package(tmp_path):
+    # the plan is the notebook's own code: a new call in a study cell is a new request, nothing else to edit
+    import json
+
+    ch = book.find_chapter("patching", ROOT)
+    nb = json.loads(ch.path.read_text())
+    for cell in nb["cells"]:
+        if "study" in cell["metadata"].get("tags", []):
+            cell["source"] = "".join(cell["source"]) + '\nextra = study.sweeps(["value"], layers=[-1])\n'
+    changed = tmp_path / ch.path.name
+    changed.write_text(json.dumps(nb))
+    params = plan(only={4})[0][1]
+    before = precompute.requests(ch.path, params)
+    after = precompute.requests(changed, params)
+    new = [r for r in after if r not in before]
+    assert new and {r.stage for r in new} == {"sweep"}
+    assert all(r.kwargs["experiments"] == ["value"] and r.kwargs["layers"] == [-1] for r in new)
+    assert len(new) == len(params["concepts"]) * len(params["methods"])

@@ -87,3 +87,75 @@ def test_answers_are_cached_and_reused(tiny_checkpoint, monkeypatch):
     assert again.answer_ids.map(list).tolist() == df.answer_ids.map(list).tolist()
     with pytest.raises(AssertionError, match="regenerated"):
         pipeline.answers(tiny_checkpoint, cs, max_new_tokens=5, progress=False)  # new setting -> recomputed
+
+
+# ---------------------------------------------------------------------------------------------------- shared helpers
+def test_pad_puts_the_sequences_on_the_chosen_side_and_masks_the_rest():
+    seqs = [[5, 6, 7], [8], []]
+    ids, mask = prompts.pad(seqs, 0, "left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
+    ids, mask = prompts.pad(seqs, prompts.IGNORE, "right")
+    assert ids.tolist() == [[5, 6, 7], [8, -100, -100], [-100, -100, -100]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    assert ids.dtype == mask.dtype == torch.long
+    with pytest.raises(ValueError, match="side must be 'left' or 'right'"):
+        prompts.pad(seqs, 0, "middle")
+
+
+def test_pad_id_falls_back_to_eos_then_zero(tiny_tokenizer):
+    assert prompts.pad_id(tiny_tokenizer) == tiny_tokenizer.pad_token_id
+    tiny_tokenizer.pad_token = None
+    assert prompts.pad_id(tiny_tokenizer) == tiny_tokenizer.eos_token_id
+    tiny_tokenizer.eos_token = None
+    assert prompts.pad_id(tiny_tokenizer) == 0
+
+
+def step_by_step(model, prompt: list[int], budget: int, stop: set[int]) -> list[int]:
+    """Greedy decoding the long way: one unbatched forward pass and one argmax per new token."""
+    ids, new = list(prompt), []
+    with torch.no_grad():
+        while len(new) < budget:
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(token)
+            new.append(token)
+            if token in stop:
+                break
+    return new
+
+
+def test_greedy_generate_equals_a_step_by_step_argmax(tiny_llama):
+    model, tok = tiny_llama
+    torch.manual_seed(0)
+    with torch.no_grad():  # wider weights than the default init, whose answers repeat one token
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5)
+    seqs = [prompts.encode_prompt(q, tok, "paper") for q in QUESTIONS]
+    budgets = [6, 3, 5, 4]
+    free = [step_by_step(model, p, 6, set()) for p in seqs]
+    stop = {free[0][2]}  # a token the first answer produces: its answer must end right after it
+    expected = [step_by_step(model, p, n, stop) for p, n in zip(seqs, budgets)]
+    assert expected[0] == free[0][:3]
+    for by_length in (False, True):
+        got = prompts.greedy_generate(model, seqs, budgets, stop, tok.pad_token_id, batch_size=3,
+                                      by_length=by_length)
+        assert got == expected
+    assert prompts.greedy_generate(model, seqs, 4, set(), tok.pad_token_id) == [f[:4] for f in free]
+
+
+def test_token_logprobs_equal_a_gather_of_log_softmax(tiny_llama):
+    model, tok = tiny_llama
+    ids, mask = prompts.pad([[5, 6, 7, 8, 9], [10, 11, 12]], tok.pad_token_id, "right")
+    labels = ids.masked_fill(mask == 0, prompts.IGNORE)
+    labels[0, 1] = prompts.IGNORE  # a prompt token: no loss there
+    with torch.no_grad():
+        got = prompts.token_logprobs(model, ids, mask, labels)
+        total = prompts.token_logprobs(model, ids, mask, labels, reduction="sum")
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)
+    target = labels[:, 1:]
+    manual = logp.gather(-1, target.clamp(min=0)[..., None])[..., 0].masked_fill(target == prompts.IGNORE, 0.0)
+    assert got.shape == (2, 4) and got.dtype == torch.float32
+    torch.testing.assert_close(got, manual, rtol=1e-6, atol=1e-6)
+    assert got[0, 0] == 0 and (got[1, 2:] == 0).all() and (got[labels[:, 1:] != prompts.IGNORE] < 0).all()
+    assert total.shape == () and total.item() == pytest.approx(manual.sum().item(), rel=1e-6)

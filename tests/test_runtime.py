@@ -222,3 +222,28 @@ def test_bfloat16_patching_uses_the_padded_layout_without_a_warning_and_agrees_w
     np.testing.assert_allclose(low.krs.to_numpy(), ref.krs.to_numpy(), atol=0.05)  # and close to float32
     with pytest.raises(ValueError, match="vanilla model's parameters are bfloat16 but the unlearned model's float32"):
         patching.run(vanilla, other.float(), tok, p, a, ["attn"], window=3)
+
+
+# ---------------------------------------------------------------------------------------------------- process state
+def test_state_holds_the_process_state_and_reset_clears_all_three_pieces():
+    from conftest import make_tiny_llama
+
+    from dissect_unlearning import state
+    from dissect_unlearning.unlearning import artefact, storage
+
+    models.set_runtime("cpu", "bfloat16")
+    assert state.STATE.runtime == models.runtime() == ("cpu", "bfloat16")
+    model, _ = make_tiny_llama()
+    _, bits, _ = storage._bits(model)
+    storage._vanilla_order(bits, None)  # what save_delta / apply_delta remember of a base model
+    assert state.STATE.vanilla["sha256"] == storage.sha256(bits)
+    state.STATE.vanilla["order"] = sentinel = np.arange(3)
+    assert storage._vanilla_order(bits, None) is sentinel  # storage reads its memo from the state too
+    with artefact.keep_loaded():
+        assert state.STATE.kept == {}
+        state.STATE.kept["a model"] = "kept"
+        state.reset()
+        assert state.STATE.kept is None  # nothing kept, even inside the block
+        assert models.runtime() == (None, None) and state.STATE.vanilla == {}
+    assert state.STATE.kept is None
+    assert state.reset() is state.STATE  # reset changes the one object in place: references stay current

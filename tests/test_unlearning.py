@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from dissect_unlearning import cache, concepts, pipeline
-from dissect_unlearning.unlearning import (METHOD_MODULES, METHODS, UnlearnConfig, data as udata, dpo,
-                                           grad_ascent, grad_diff, npo, storage, trainer)
+from dissect_unlearning.unlearning import (METHODS, UnlearnConfig, data as udata, grad_ascent, grad_diff, methods,
+                                           npo, storage, trainer)
 from dissect_unlearning.unlearning.logprobs import sequence_logprobs
 
 TEXTS = {
@@ -82,11 +82,12 @@ def test_grad_ascent_and_grad_diff_values_match_a_hand_computation(tiny_llama, c
 def test_npo_and_dpo_at_the_reference_equal_2_over_beta_log_2(tiny_llama, cset):
     """With the model equal to its reference the log-ratio is 0: loss = (2/beta) * log 2, for any beta."""
     model, tok = tiny_llama
-    for method, mod in (("npo", npo), ("dpo", dpo)):
+    for method in ("npo", "dpo"):
+        mod = methods.get(method)
         cfg, data = tiny_data(tok, cset, method)
         idx = [0, 1]
-        ref = trainer.reference_logprobs(model, data, mod.REFERENCE, set(idx), tok.pad_token_id, 2)
-        batch = batch_of(data, mod.PARTS, idx, tok.pad_token_id)
+        ref = trainer.reference_logprobs(model, data, mod.reference, set(idx), tok.pad_token_id, 2)
+        batch = batch_of(data, mod.parts, idx, tok.pad_token_id)
         for beta in (0.1, 0.5):
             out = mod.loss(model, batch, {k: v[idx] for k, v in ref.items()}, beta=beta)
             assert out.loss.item() == pytest.approx(2 / beta * math.log(2), rel=1e-4), (method, beta)
@@ -95,7 +96,7 @@ def test_npo_and_dpo_at_the_reference_equal_2_over_beta_log_2(tiny_llama, cset):
 def test_npo_matches_its_formula_off_the_reference(tiny_llama, cset):
     model, tok = tiny_llama
     _, data = tiny_data(tok, cset, "npo")
-    batch = batch_of(data, npo.PARTS, [0, 1], tok.pad_token_id)
+    batch = batch_of(data, methods.get("npo").parts, [0, 1], tok.pad_token_id)
     logp, _ = sequence_logprobs(model, batch["forget"])
     ref = logp.detach() + torch.tensor([1.0, -2.0])  # pretend the reference was more / less likely
     nll_theta, nll_ref = -logp.detach(), -ref
@@ -106,13 +107,13 @@ def test_npo_matches_its_formula_off_the_reference(tiny_llama, cset):
 @pytest.mark.parametrize("method", METHODS)
 def test_a_step_on_each_loss_lowers_it_and_raises_the_forget_nll(tiny_llama, cset, method):
     model, tok = tiny_llama
-    mod = METHOD_MODULES[method]
+    mod = methods.get(method)
     _, data = tiny_data(tok, cset, method)
     idx = list(range(len(data.forget)))
-    ref = trainer.reference_logprobs(model, data, mod.REFERENCE, set(idx), tok.pad_token_id, 4)
+    ref = trainer.reference_logprobs(model, data, mod.reference, set(idx), tok.pad_token_id, 4)
     ref = {k: v[idx] for k, v in ref.items()}
-    batch = batch_of(data, mod.PARTS, idx, tok.pad_token_id)
-    hyper = {"retain_weight": 0.0} if "retain_weight" in mod.HYPER else {}
+    batch = batch_of(data, mod.parts, idx, tok.pad_token_id)
+    hyper = {"retain_weight": 0.0} if "retain_weight" in mod.settings else {}
     before = mod.loss(model, batch, ref, **hyper)
     nll_before = before.forget_nll.item()
     before.loss.backward()
@@ -167,6 +168,26 @@ def test_forget_set_is_text_chunks_plus_answers_and_retain_is_repeated_to_its_le
     assert idk.chosen[0].input_ids[:len(tok("question 0")["input_ids"])] == idk.forget[0].input_ids[:len(tok("question 0")["input_ids"])]
     refusal = tok("I don't know.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert [t for t, lab in zip(idk.chosen[0].input_ids, idk.chosen[0].labels) if lab != -100] == refusal
+
+
+def test_collate_right_pads_and_sequence_logprobs_sum_the_labelled_tokens(tiny_llama):
+    model, tok = tiny_llama
+    examples = [udata.text_example([5, 6, 7, 8], "text:0"), udata.qa_example([9, 10], [11, 12, 13], 16, "qa:0"),
+                udata.text_example([14, 15], "text:1")]
+    part = udata.collate(examples, [4, 7, 9], pad_id=tok.pad_token_id)
+    pad = tok.pad_token_id
+    assert part.input_ids.tolist() == [[5, 6, 7, 8, pad], [9, 10, 11, 12, 13], [14, 15, pad, pad, pad]]
+    assert part.attention_mask.tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    ig = udata.IGNORE
+    assert part.labels.tolist() == [[5, 6, 7, 8, ig], [ig, ig, 11, 12, 13], [14, 15, ig, ig, ig]]
+    assert part.index.tolist() == [4, 7, 9]
+    with torch.no_grad():
+        logp, n = sequence_logprobs(model, part)
+        alone = [torch.log_softmax(model(torch.tensor([e.input_ids])).logits[0, :-1], -1) for e in examples]
+    by_hand = [sum(lp[t - 1, label].item() for t, label in enumerate(e.labels) if t and label != ig)
+               for lp, e in zip(alone, examples)]
+    assert n.tolist() == [3, 3, 1]  # the first token of a sequence is predicted by nothing
+    assert logp.tolist() == pytest.approx(by_hand, rel=1e-5)
 
 
 @pytest.mark.parametrize("bad, field", [
@@ -350,7 +371,7 @@ def test_an_interrupted_run_leaves_no_entry(tiny_checkpoint, concept_file, monke
     assert not [p for p in root.iterdir() if not p.name.endswith(".lock")
                 and json.loads((p / "inputs.json").read_text())["inputs"]["method"] == "grad_ascent"] \
         if root.exists() else True
-    assert not list(root.glob(".*-*")) if root.exists() else True  # no temporary folder left behind
+    assert not list(root.glob(".tmp~*")) if root.exists() else True  # no temporary folder left behind
 
 
 def test_two_callers_at_once_train_once(tiny_checkpoint, concept_file, monkeypatch):
@@ -388,7 +409,7 @@ def test_behaviour_table_is_tidy_and_scores_are_consistent(tiny_checkpoint, conc
 
 
 # ---------------------------------------------------------------------------------------------------- integration
-@pytest.mark.integration
+@pytest.mark.slow
 def test_cli_unlearn_writes_a_checkpoint_that_reloads_with_the_same_logits(default_model, tmp_path):
     from transformers import AutoModelForCausalLM
 

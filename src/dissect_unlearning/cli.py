@@ -1,10 +1,41 @@
-"""The `dissect-unlearning` command. Each subcommand is a thin layer over the package's functions."""
+"""The `dissect-unlearning` command. Each subcommand is a thin layer over the package's functions.
+
+Every subcommand checks its arguments before it does any work: the flags here (argparse types, output paths), the
+rest in the function it calls (pipeline.* check their own arguments first, book.build its profile and parameters).
+A bad value ends the command with a one-line error and exit code 2.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
+
+from . import validate
+
+
+def _int_flag(lo: int | None = None, hi: int | None = None):
+    """An argparse type: an integer within [lo, hi], checked as the book checks its parameters."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if not validate.int_in_range(value, lo, hi):
+            raise argparse.ArgumentTypeError(f"expected {validate.int_words(lo, hi)}, got {text!r}")
+        return value
+    return parse
+
+
+def _number_flag(text: str) -> float:
+    """An argparse type: a finite number (float() also reads 'nan' and 'inf', which no setting can use)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if not validate.is_number(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _cmd_models(args) -> int:
@@ -31,12 +62,13 @@ def _cmd_models(args) -> int:
 
 
 def _cmd_answers(args) -> int:
-    from . import pipeline
+    from . import pipeline, tables
 
+    out = validate.check_output_file(args.out, "--out") if args.out else None
     df = pipeline.answers(args.model, args.concepts, select=args.concept or None, prompt_format=args.prompt_format,
                           max_new_tokens=args.max_new_tokens, include_unrelated=not args.target_only)
-    if args.out:
-        df.to_parquet(args.out, index=False)
+    if out:
+        tables.write_parquet(df, out)
         print(f"wrote {len(df)} answers to {args.out}")
     target = df[df.kind == "target"]
     if target["correct"].notna().any():
@@ -55,6 +87,8 @@ def _book_overrides(pairs) -> dict:
 def _cmd_build(args) -> int:
     from . import book
 
+    if args.output:
+        validate.check_output_folder(args.output, "--output")
     report = book.build(args.profile, only=args.only, overrides=_book_overrides(args.param), force=args.force,
                         html=not args.no_html, output=args.output, jobs=args.jobs,
                         precompute=not args.no_precompute)
@@ -68,8 +102,18 @@ def _cmd_run(args) -> int:
 
     chapter = book.find_chapter(args.chapter)
     if args.list_params:
+        # The -p values are checked as a run would check them, and shown with what they replace.
+        overrides = book.check_overrides(_book_overrides(args.param), [chapter])
+        values = book.resolve_parameters(chapter, book.load_profile(args.profile), overrides)
         print(book.describe_parameters(chapter))
+        if overrides:
+            declared = chapter.parameters()
+            print("\nwith -p (checked):")
+            for name in overrides:
+                print(f"  {name} = {json.dumps(values[name])}  (default {json.dumps(declared[name].default)})")
         return 0
+    if args.output:
+        validate.check_output_folder(args.output, "--output")
     report = book.build(args.profile, only=[chapter.stem], overrides=_book_overrides(args.param), force=args.force,
                         html=not args.no_html, output=args.output, jobs=args.jobs,
                         precompute=not args.no_precompute)
@@ -101,6 +145,8 @@ def _settings(args) -> dict:
 def _cmd_unlearn(args) -> int:
     from . import pipeline
 
+    if args.out:  # a checkpoint folder of its own: written over another one, the two would mix their files
+        validate.check_output_folder(args.out, "--out", empty=True)
     u = pipeline.unlearned(args.model, args.concepts, args.concept, args.method, progress=not args.quiet,
                            **_settings(args))
     curve = u.loss_curve
@@ -113,14 +159,15 @@ def _cmd_unlearn(args) -> int:
 
 
 def _cmd_behaviour(args) -> int:
-    from . import pipeline
+    from . import pipeline, tables
 
+    out = validate.check_output_file(args.out, "--out") if args.out else None
     df = pipeline.behaviour(args.model, args.concepts, select=args.concept or None,
                             methods=tuple(args.method or ("grad_diff", "dpo", "npo")),
                             prompt_format=args.prompt_format, settings=_settings(args) or None,
                             progress=not args.quiet)
-    if args.out:
-        df.to_parquet(args.out, index=False)
+    if out:
+        tables.write_parquet(df, out)
         print(f"wrote {len(df)} rows to {args.out}")
     table = df.pivot_table(index=["method", "split", "metric"], columns="stage", values="value", aggfunc="mean",
                            sort=False)
@@ -129,8 +176,9 @@ def _cmd_behaviour(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from . import patching, pipeline
+    from . import patching, pipeline, tables
 
+    out = validate.check_output_file(args.out, "--out")
     layers = None
     if args.layers:
         try:
@@ -147,15 +195,68 @@ def _cmd_sweep(args) -> int:
     except patching.RemoteUnavailableError as exc:
         print(f"dissect-unlearning: error: {exc}", file=sys.stderr)
         return 2
-    from pathlib import Path
-
-    pipeline._write_parquet(df, Path(args.out))  # atomic: a failed run leaves no half-written file
+    tables.write_parquet(df, out)  # atomic: a failed run leaves no half-written file
     print(f"wrote {len(df)} rows to {args.out}")
     summary = patching.aggregate(df, by=("experiment", "center_layer")).dropna(subset=["mean"])
     for exp, grp in summary.groupby("experiment", sort=False):
         best = grp.loc[grp["mean"].idxmax()]
         print(f"{exp:<10} mean KRS {grp['mean'].mean():+.3f}; best window centred on layer {int(best.center_layer)}: "
               f"{best['mean']:+.3f} [{best.ci_low:+.3f}, {best.ci_high:+.3f}]")
+    return 0
+
+
+def _cmd_cache(args) -> int:
+    import time
+
+    from . import cache, versions
+
+    try:
+        if args.prune:
+            removed = cache.prune(args.kind)
+            root = cache.cache_root()
+            for r in removed:
+                size = f", {cache.format_bytes(r.bytes)}" if r.bytes else ""
+                print(f"removed {r.path.relative_to(root)}: {r.what}{size}")
+            print(f"freed {cache.format_bytes(sum(r.bytes for r in removed))} ({len(removed)} item(s) removed)"
+                  if removed else "nothing to prune")
+            return 0
+        found = cache.contents(args.kind)
+    except (cache.CacheError, OSError) as exc:
+        print(f"dissect-unlearning: error: {exc}", file=sys.stderr)
+        return 2
+    libs = ", ".join(f"{k} {v}" for k, v in versions.library_versions().items())
+    print(f"cache at {found.root} (code {versions.package_hash()}; {libs})")
+    if not (found.entries or found.leftovers or found.unkeyed or found.dead_locks):
+        print("empty")
+        return 0
+    now = time.time()
+    if found.entries:
+        print(f"\n{'kind':<16} {'key':<12} {'size':>10} {'age':>8}  status")
+        for e in sorted(found.entries, key=lambda e: (e.kind, -e.built)):
+            print(f"{e.kind:<16} {e.key[:12]:<12} {cache.format_bytes(e.bytes):>10} "
+                  f"{cache.format_age(max(0.0, now - e.built)):>8}  {'stale: ' + e.stale if e.stale else 'current'}")
+    print(f"\n{'kind':<16} {'entries':>7} {'stale':>5} {'size':>10}")
+    kinds = sorted({e.kind for e in found.entries} | set(found.unkeyed))
+    for kind in kinds:
+        mine = [e for e in found.entries if e.kind == kind]
+        size = sum(e.bytes for e in mine) + found.unkeyed.get(kind, 0)
+        note = "  (includes files not keyed by the store, e.g. provisioned models)" if found.unkeyed.get(kind) else ""
+        print(f"{kind:<16} {len(mine):>7} {sum(1 for e in mine if e.stale):>5} {cache.format_bytes(size):>10}{note}")
+    if found.leftovers:
+        gone = [t for t in found.leftovers if t.gone]
+        print(f"{'(temporary)':<16} {len(found.leftovers):>7} {'':>5} "
+              f"{cache.format_bytes(sum(t.bytes for t in found.leftovers)):>10}  "
+              f"({len(gone)} left by writers that are gone)")
+    total = sum(e.bytes for e in found.entries) + sum(found.unkeyed.values()) + sum(t.bytes for t in found.leftovers)
+    print(f"{'all':<16} {len(found.entries):>7} {sum(1 for e in found.entries if e.stale):>5} "
+          f"{cache.format_bytes(total):>10}")
+    if found.dead_locks:
+        print(f"{len(found.dead_locks)} lock file(s) still name a holder that died holding them")
+    prunable = (sum(1 for e in found.entries if e.stale) + sum(1 for t in found.leftovers if t.gone)
+                + len(found.dead_locks))
+    if prunable:
+        scope = f" --kind {args.kind}" if args.kind else ""
+        print(f"{prunable} item(s) to remove: dissect-unlearning cache --prune{scope}")
     return 0
 
 
@@ -173,17 +274,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--concepts", default="builtin", help="'builtin', a JSON file, or hub:owner/dataset")
     a.add_argument("--concept", action="append", help="restrict to this concept (repeatable)")
     a.add_argument("--prompt-format", default="auto", choices=["auto", "paper", "chat"])
-    a.add_argument("--max-new-tokens", type=int, default=30)
+    a.add_argument("--max-new-tokens", type=_int_flag(1), default=30)
     a.add_argument("--target-only", action="store_true", help="skip the unrelated questions")
     a.add_argument("--out", help="also write the table to this parquet file")
     a.set_defaults(func=_cmd_answers)
 
     # (unlearn, sweep, build, run: added by their issues, below this line)
+    # Methods and experiments as registered (unlearning.methods, patching.experiments), added ones included.
+    from .patching.experiments import EXPERIMENTS, PAPER_EXPERIMENTS
+    from .unlearning.methods import names as method_names
+
     u = sub.add_parser("unlearn", help="unlearn one concept from a model by fine-tuning (cached)")
     u.add_argument("--model", default="smollm2-135m")
     u.add_argument("--concepts", default="builtin", help="'builtin', a JSON file, or hub:owner/dataset")
     u.add_argument("--concept", required=True, help="the concept to unlearn (name, label or id)")
-    u.add_argument("--method", default="grad_diff", choices=["grad_ascent", "grad_diff", "npo", "dpo", "idk_dpo"])
+    u.add_argument("--method", default="grad_diff", choices=method_names())
     _add_unlearning_flags(u)
     u.add_argument("--out", help="also write a Hugging Face checkpoint folder (config, weights, tokenizer, "
                    "unlearning.json) here")
@@ -194,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     bh.add_argument("--model", default="smollm2-135m")
     bh.add_argument("--concepts", default="builtin", help="'builtin', a JSON file, or hub:owner/dataset")
     bh.add_argument("--concept", action="append", help="restrict to this concept (repeatable; default: all)")
-    bh.add_argument("--method", action="append", choices=["grad_ascent", "grad_diff", "npo", "dpo", "idk_dpo"],
+    bh.add_argument("--method", action="append", choices=method_names(),
                     help="unlearning method (repeatable; default: grad_diff, dpo, npo)")
     bh.add_argument("--prompt-format", default="auto", choices=["auto", "paper", "chat"])
     _add_unlearning_flags(bh)
@@ -207,14 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--unlearned", required=True, help="checkpoint folder or model name of the unlearned model")
     sw.add_argument("--concepts", default="builtin", help="'builtin', a JSON file, or hub:owner/dataset")
     sw.add_argument("--concept", help="the concept whose questions are used (name, label or id)")
-    sw.add_argument("--experiments", default="coef,attn,coef+attn,value",
-                    help="comma-separated: coef, attn, coef+attn, value, key, mlp, layer")
-    sw.add_argument("--window", type=int, default=5, help="size of the window centred on every layer")
+    sw.add_argument("--experiments", default=",".join(PAPER_EXPERIMENTS),
+                    help="comma-separated: " + ", ".join(EXPERIMENTS))
+    sw.add_argument("--window", type=_int_flag(1), default=5, help="size of the window centred on every layer")
     sw.add_argument("--layers", help="one explicit window instead, e.g. 29 or 27,28,29 (-1 = the last layer)")
     sw.add_argument("--alignment", default="answer", choices=["answer", "paper"],
                     help="scored positions: those predicting the answer, or the released code's rule")
     sw.add_argument("--prompt-format", default="auto", choices=["auto", "paper", "chat"])
-    sw.add_argument("--questions", type=int, help="use only the first N questions")
+    sw.add_argument("--questions", type=_int_flag(1), help="use only the first N questions")
     sw.add_argument("--kind", default="target", choices=["target", "unrelated"])
     sw.add_argument("--reverse", action="store_true", help="patch the unlearned model's window into the vanilla model")
     sw.add_argument("--remote", default="none", choices=["none", "local", "ndif"],
@@ -231,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="execute even chapters whose inputs did not change")
     b.add_argument("--no-html", action="store_true", help="execute only; do not run Jupyter Book")
     b.add_argument("--output", help="folder that receives _build/ (default: the project folder)")
-    b.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+    b.add_argument("--jobs", type=_int_flag(1), default=min(2, os.cpu_count() or 1),
                    help="chapters executed side by side, each with cores/jobs torch threads (default: 2 where "
                         "there are 2 or more cores; 1 = one after another); also the precompute tasks run side "
                         "by side")
@@ -247,11 +352,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="execute even if an identical run is cached")
     r.add_argument("--no-html", action="store_true", help="execute only; do not run Jupyter Book")
     r.add_argument("--output", help="folder that receives _build/ (default: the project folder)")
-    r.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+    r.add_argument("--jobs", type=_int_flag(1), default=min(2, os.cpu_count() or 1),
                    help="precompute tasks run side by side, each with cores/jobs torch threads (default: 2 where "
                         "there are 2 or more cores)")
     _add_precompute_flag(r)
     r.set_defaults(func=_cmd_run)
+
+    c = sub.add_parser("cache", help="list the artefact cache (kind, key, size, age, stale?) and totals; --prune "
+                       "removes stale entries and what killed builds left behind")
+    c.add_argument("--kind", help="only this kind of entry (e.g. unlearned, chapter)")
+    c.add_argument("--prune", action="store_true", help="remove stale entries (built by other code or library "
+                   "versions), temporary folders of writers that are gone, and lock records of dead holders")
+    c.set_defaults(func=_cmd_cache)
     return p
 
 
@@ -263,29 +375,29 @@ def _add_precompute_flag(p) -> None:
 
 def _add_unlearning_flags(p) -> None:
     g = p.add_argument_group("unlearning settings (default: the method's defaults)")
-    g.add_argument("--steps", type=int)
-    g.add_argument("--epochs", type=float, help="passes over the forget set (instead of --steps)")
-    g.add_argument("--lr", type=float)
-    g.add_argument("--batch-size", dest="batch_size", type=int)
-    g.add_argument("--chunk-tokens", dest="chunk_tokens", type=int)
+    g.add_argument("--steps", type=_int_flag(1))
+    g.add_argument("--epochs", type=_number_flag, help="passes over the forget set (instead of --steps)")
+    g.add_argument("--lr", type=_number_flag)
+    g.add_argument("--batch-size", dest="batch_size", type=_int_flag(1))
+    g.add_argument("--chunk-tokens", dest="chunk_tokens", type=_int_flag(1))
     g.add_argument("--params", help="all | mlp | last_k:K")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--retain-weight", dest="retain_weight", type=float)
-    g.add_argument("--beta", type=float)
+    g.add_argument("--seed", type=_int_flag())
+    g.add_argument("--retain-weight", dest="retain_weight", type=_number_flag)
+    g.add_argument("--beta", type=_number_flag)
     g.add_argument("--set", action="append", metavar="NAME=VALUE", help="any other setting (value read as JSON)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(argv=None) -> int:
+    from .cache import CacheError
     from .concepts import ConceptDataError
     from .models import ModelError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ModelError, ConceptDataError, ValueError, KeyError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"dissect-unlearning: error: {msg}", file=sys.stderr)
+    except (ModelError, ConceptDataError, CacheError, ValueError, KeyError) as exc:
+        print(f"dissect-unlearning: error: {validate.one_line(exc)}", file=sys.stderr)
         return 2
 
 

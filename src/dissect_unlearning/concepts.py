@@ -4,7 +4,9 @@ A record: Concept (str), Layer (int), Dim (int), QA (list of questions), text_co
 {First_half, Second_half}), unrelated_QA (list of questions), wikipedia_content (str: the forget text); optional
 id/ID (int), QA_answers (one expected short answer per question: a string or a list of accepted strings).
 Extra fields are kept. ConceptVectors holds some concepts at several (Layer, Dim) locations, each a sample of its
-own: a name may repeat, a (Concept, Layer, Dim) triple may not.
+own: a name may repeat, a (Concept, Layer, Dim) triple may not, nor may two spellings of one name (differing only in
+white space or case), an id or a label. Layer and Dim are counted from 0; ConceptSet.check_against(n_layers, mlp_dim)
+checks them against a model.
 """
 from __future__ import annotations
 
@@ -28,6 +30,10 @@ REQUIRED = {
     "unrelated_QA": list,
     "wikipedia_content": str,
 }
+# Layer and Dim stay below these: far above any model's depth and MLP width, far below what only a corrupted or
+# mistyped file holds. A known model is checked exactly with ConceptSet.check_against.
+LAYER_LIMIT = 1 << 10
+DIM_LIMIT = 1 << 20
 
 
 class ConceptDataError(ValueError):
@@ -39,6 +45,13 @@ class ConceptDataError(ValueError):
         shown = "\n  - ".join(problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
         super().__init__(f"invalid concept data in {source}:\n  - {shown}{more}")
+
+
+class ConceptLookupError(KeyError):
+    """No concept, or more than one, answers to a key. A KeyError whose message prints without KeyError's quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 @dataclass
@@ -77,24 +90,49 @@ class ConceptSet(list):
         self.source = source
 
     def get(self, key) -> Concept:
+        """The concept with this label, name or id (a string), or at this index (an integer from 0)."""
         if isinstance(key, Concept):
             return key
-        if isinstance(key, int):
+        if isinstance(key, int) and not isinstance(key, bool):
+            if not 0 <= key < len(self):
+                raise ConceptLookupError(f"no concept at index {key} in {self.source}: it holds {len(self)} "
+                                         f"concepts (indices 0 to {len(self) - 1})")
             return self[key]
+        if not isinstance(key, str):
+            raise ConceptLookupError(f"no concept {key!r} in {self.source}: a concept is named by its label, name "
+                                     f"or id (a string) or by its index (an integer), not a {type(key).__name__}")
         matches = [c for c in self if key in (c.label, c.name, str(c.id))]
         if not matches:
-            raise KeyError(f"no concept {key!r} in {self.source}; concepts: {', '.join(c.label for c in self)}")
+            raise ConceptLookupError(f"no concept {key!r} in {self.source}; concepts: "
+                                     f"{', '.join(c.label for c in self)}")
         if len(matches) > 1 and not any(c.label == key for c in matches):
-            raise KeyError(f"concept name {key!r} is ambiguous in {self.source} (it is stored at several locations): "
-                           f"use one of {', '.join(f'{c.name}#{c.id or c.index}' for c in matches)}")
+            raise ConceptLookupError(f"concept name {key!r} is ambiguous in {self.source} (it is stored at several "
+                                     f"locations): use one of {', '.join(c.label for c in matches)}")
         return next(c for c in matches if c.label == key) if len(matches) > 1 else matches[0]
 
     def select(self, keys) -> "ConceptSet":
-        if keys in (None, "all"):
+        """'all' (or None): the whole set; N >= 1: its first N concepts; a label, name or id, or a list of them."""
+        if keys is None or (isinstance(keys, str) and keys == "all"):
             return self
+        usage = "select takes 'all', a number N >= 1 (the first N concepts) or concept names"
+        if isinstance(keys, bool):
+            raise ValueError(f"cannot select {keys!r} from {self.source}: {usage}")
         if isinstance(keys, int):
+            if keys < 1:
+                raise ValueError(f"cannot select {keys} concepts from {self.source}: {usage}")
+            if keys > len(self):
+                raise ValueError(f"cannot select the first {keys} concepts from {self.source}: it holds "
+                                 f"{len(self)}")
             return ConceptSet(self[:keys], self.source)
-        return ConceptSet([self.get(k) for k in keys], self.source)
+        if isinstance(keys, (str, Concept)):
+            keys = [keys]  # one name, not a sequence of one-letter names
+        if not isinstance(keys, (list, tuple)) or not keys:
+            raise ValueError(f"cannot select {keys!r} from {self.source}: {usage}")
+        chosen = [self.get(k) for k in keys]
+        for i, c in enumerate(chosen):
+            if any(d is c for d in chosen[:i]):
+                raise ValueError(f"cannot select {keys!r} from {self.source}: concept {c.label!r} is named twice")
+        return ConceptSet(chosen, self.source)
 
     def content_hash(self) -> str:
         return hashlib.sha256("".join(c.content_hash() for c in self).encode()).hexdigest()[:16]
@@ -102,6 +140,23 @@ class ConceptSet(list):
     @property
     def names(self) -> list[str]:
         return [c.label for c in self]
+
+    def check_against(self, n_layers: int, mlp_dim: int) -> "ConceptSet":
+        """Raise ConceptDataError unless every concept's Layer is a layer of a model with `n_layers` layers and its
+        Dim a neuron of an MLP `mlp_dim` wide (both counted from 0); return the set.
+        models.n_layers(model) and models.mlp_dim(model) give both for a loaded model."""
+        problems = []
+        for c in self:
+            where = f"record {c.index} (concept {c.name!r})"
+            if not 0 <= c.layer < n_layers:
+                problems.append(f"{where}: field 'Layer' is {c.layer}, but the model has {n_layers} layers "
+                                f"(0 to {n_layers - 1})")
+            if not 0 <= c.dim < mlp_dim:
+                problems.append(f"{where}: field 'Dim' is {c.dim}, but the model's MLP has {mlp_dim} neurons "
+                                f"(0 to {mlp_dim - 1})")
+        if problems:
+            raise ConceptDataError(self.source, problems)
+        return self
 
 
 def builtin_path() -> Path:
@@ -122,12 +177,38 @@ def load(source: str | Path = BUILTIN) -> ConceptSet:
     return parse(_read_json(path), str(path))
 
 
+def concept_set(source: str | Path = BUILTIN, n_questions: int | None = None,
+                n_unrelated: int | None = None) -> ConceptSet:
+    """The concept set with each concept cut to its first `n_questions` questions (with their answers, and as many
+    text completions) and its first `n_unrelated` unrelated questions; None keeps all.
+
+    The cut records hash differently, so cached artefacts of the full set are never confused with those of a cut one
+    (and every chapter must cut the same way to share them: they all take n_questions and n_unrelated)."""
+    full = load(source)
+    if n_questions is None and n_unrelated is None:
+        return full
+    records = []
+    for c in full:
+        rec = dict(c.to_record())
+        if n_questions is not None:
+            rec["QA"] = rec["QA"][:n_questions]
+            for key in ("QA_answers", "QA_with_answers", "answers_tokens_num", "text_completion"):
+                if isinstance(rec.get(key), list):
+                    rec[key] = rec[key][:n_questions]
+        if n_unrelated is not None:
+            rec["unrelated_QA"] = rec["unrelated_QA"][:n_unrelated]
+        records.append(rec)
+    return parse(records, f"{full.source} (first {n_questions} questions, {n_unrelated} unrelated)")
+
+
 def _read_json(path: Path):
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConceptDataError(str(path), [f"not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})"])
+    if not text.strip():
+        raise ConceptDataError(str(path), ["the file is empty (expected a JSON list of concept records)"])
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
@@ -155,8 +236,13 @@ def parse(data, source: str = "<memory>") -> ConceptSet:
     """Validate a list of records; raise ConceptDataError listing every problem, or return a ConceptSet."""
     if not isinstance(data, list):
         raise ConceptDataError(source, [f"top level is a JSON {type(data).__name__}, expected a list of records"])
+    if not data:
+        raise ConceptDataError(source, ["it holds no concept records (an empty list)"])
     problems: list[str] = []
     seen: dict[tuple, int] = {}
+    seen_ids: dict[int, Concept] = {}
+    # Names that differ only in white space or case are one concept spelled two ways, which would split its samples.
+    spelled: dict[str, tuple[int, str]] = {}
     concepts = []
     for i, rec in enumerate(data):
         where = f"record {i}"
@@ -172,12 +258,15 @@ def parse(data, source: str = "<memory>") -> ConceptSet:
                 problems.append(f"{where}: missing field {fld!r}")
                 bad = True
             elif not isinstance(rec[fld], typ) or (typ is int and isinstance(rec[fld], bool)):
-                problems.append(f"{where}: field {fld!r} must be {_type_name(typ)}, got {type(rec[fld]).__name__}")
+                problems.append(f"{where}: field {fld!r} must be {_type_name(typ)}, got {_describe(rec[fld])}")
                 bad = True
         if bad:
             continue
         if not rec["Concept"].strip():
             problems.append(f"{where}: field 'Concept' is empty")
+        for fld, limit in (("Layer", LAYER_LIMIT), ("Dim", DIM_LIMIT)):
+            if not 0 <= rec[fld] < limit:
+                problems.append(f"{where}: field {fld!r} must be an integer from 0 to {limit - 1}, got {rec[fld]}")
         if not rec["QA"]:
             problems.append(f"{where}: field 'QA' is an empty question list")
         for fld in ("QA", "unrelated_QA"):
@@ -194,20 +283,33 @@ def parse(data, source: str = "<memory>") -> ConceptSet:
             answers, why = _parse_answers(rec["QA_answers"], len(rec["QA"]))
             if why:
                 problems.append(f"{where}: field 'QA_answers' {why}")
-        rid = rec.get("id", rec.get("ID"))
+        id_field = "id" if "id" in rec else "ID"
+        rid = rec.get(id_field)
         if rid is not None and (not isinstance(rid, int) or isinstance(rid, bool)):
-            problems.append(f"{where}: field 'id' must be an integer, got {type(rid).__name__}")
+            problems.append(f"{where}: field {id_field!r} must be an integer, got {_describe(rid)}")
             rid = None
+        spelling = " ".join(rec["Concept"].split()).casefold()
+        first = spelled.setdefault(spelling, (i, rec["Concept"]))
+        if first[1] != rec["Concept"]:
+            problems.append(f"{where}: field 'Concept' differs from {first[1]!r} of record {first[0]} only in white "
+                            f"space or case (spell one concept one way)")
         triple = (rec["Concept"], rec["Layer"], rec["Dim"])
         if triple in seen:
             problems.append(f"{where}: duplicate of record {seen[triple]} (same Concept, Layer {rec['Layer']} and "
                             f"Dim {rec['Dim']})")
         seen.setdefault(triple, i)
-        concepts.append(Concept(
+        concept = Concept(
             name=rec["Concept"], layer=rec["Layer"], dim=rec["Dim"], questions=list(rec["QA"]),
             text_completion=list(rec["text_completion"]), unrelated_questions=list(rec["unrelated_QA"]),
             forget_text=rec["wikipedia_content"], answers=answers, index=i, id=rid, source=source, record=rec,
-        ))
+        )
+        if rid is not None and rid in seen_ids:
+            other = seen_ids[rid]
+            problems.append(f"{where}: field {id_field!r} is {rid}, the id of record {other.index} (concept "
+                            f"{other.name!r}) too")
+        elif rid is not None:
+            seen_ids[rid] = concept
+        concepts.append(concept)
     if problems:
         raise ConceptDataError(source, problems)
     # A repeated name is told apart by its id, else by its index.
@@ -216,7 +318,26 @@ def parse(data, source: str = "<memory>") -> ConceptSet:
         counts[c.name] = counts.get(c.name, 0) + 1
     for c in concepts:
         c.repeated = counts[c.name] > 1
+    # Labels select concepts and name them in every table: two alike would be one (e.g. a concept named 'A#3' beside
+    # 'A' repeated with id 3, or one repeat with id 5 beside another without an id at index 5).
+    labelled: dict[str, Concept] = {}
+    for c in concepts:
+        other = labelled.setdefault(c.label, c)
+        if other is not c:
+            problems.append(f"record {c.index} (concept {c.name!r}): fields 'Concept' and 'id' give the label "
+                            f"{c.label!r} of record {other.index} (concept {other.name!r}) too; give one of them "
+                            f"another name or id")
+    if problems:
+        raise ConceptDataError(source, problems)
     return ConceptSet(concepts, source)
+
+
+def _describe(value) -> str:
+    """A wrong value for a message: its type, and the value itself when it is a short scalar."""
+    kind = type(value).__name__
+    if isinstance(value, (bool, int, float, str)) and len(repr(value)) <= 40:
+        return f"{kind} {value!r}"
+    return kind
 
 
 def _parse_answers(value, n_questions: int):

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from . import prompts
 from .concepts import answer_matches
 
 
@@ -47,34 +48,15 @@ def mean(values) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-@torch.no_grad()
 def greedy_continuations(model, tok, texts: list[str], max_new_tokens: list[int] | int, batch_size: int = 8
                          ) -> list[str]:
-    """Greedy continuation of each raw text (no chat template), at most max_new_tokens[i] tokens each."""
-    budgets = [max_new_tokens] * len(texts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    eos = tok.eos_token_id
-    encoded = [tok(t)["input_ids"] for t in texts]
-    device = next(model.parameters()).device  # inputs go where the model is (models.set_runtime)
-    out: list[str] = [""] * len(texts)
-    for s in range(0, len(texts), batch_size):
-        idx = list(range(s, min(s + batch_size, len(texts))))
-        width = max(len(encoded[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(idx):
-            ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[r, width - len(encoded[i]):] = 1
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=max(budgets[i] for i in idx),
-                             do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=eos,
-                             temperature=None, top_p=None, top_k=None)
-        for r, i in enumerate(idx):
-            new = gen[r, width:width + budgets[i]].tolist()
-            if eos in new:
-                new = new[:new.index(eos)]
-            out[i] = tok.decode(new, skip_special_tokens=True).strip()
-    return out
+    """Greedy continuation of each raw text (no chat template), at most max_new_tokens[i] tokens each, up to the
+    tokenizer's EOS. Batches keep the texts' order and stop at the tokenizer's EOS only (not the generation config's
+    other stop tokens): the continuations the behaviour tables were computed with."""
+    stop = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    generated = prompts.greedy_generate(model, [tok(t)["input_ids"] for t in texts], max_new_tokens, stop,
+                                        prompts.pad_id(tok), batch_size)
+    return [tok.decode([t for t in new if t not in stop], skip_special_tokens=True).strip() for new in generated]
 
 
 def completion_rouge(model, tok, items: list[dict], max_new_tokens: int = 48, batch_size: int = 8) -> list[float]:
@@ -89,29 +71,19 @@ def completion_rouge(model, tok, items: list[dict], max_new_tokens: int = 48, ba
 def perplexity(model, tok, texts: list[str], max_tokens: int = 512, chunk_tokens: int = 256, batch_size: int = 4
                ) -> tuple[float, int]:
     """(perplexity, tokens scored) of the first `max_tokens` tokens of each text, scored in chunks."""
-    import torch.nn.functional as F
-
     chunks = []
     for t in texts:
         ids = tok(t, add_special_tokens=False)["input_ids"][:max_tokens]
         chunks += [ids[i:i + chunk_tokens] for i in range(0, len(ids), chunk_tokens) if len(ids[i:i + chunk_tokens]) > 1]
     if not chunks:
         return math.nan, 0
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for s in range(0, len(chunks), batch_size):
-        batch = chunks[s:s + batch_size]
-        width = max(len(c) for c in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, c in enumerate(batch):  # right padding: positions are the plain 0..n-1
-            ids[r, :len(c)] = torch.tensor(c)
-            mask[r, :len(c)] = 1
+        # Right padding: positions are the plain 0..n-1, as for the unpadded chunk.
+        ids, mask = prompts.pad(chunks[s:s + batch_size], prompts.pad_id(tok), "right")
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-                                 reduction="sum").item()
-        count += int((labels != -100).sum())
+        labels = ids.masked_fill(mask == 0, prompts.IGNORE)
+        total -= prompts.token_logprobs(model, ids, mask, labels, reduction="sum").item()
+        count += int((labels[:, 1:] != prompts.IGNORE).sum())
     return math.exp(total / count), count

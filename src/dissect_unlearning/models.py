@@ -26,15 +26,14 @@ import hashlib
 import importlib.util
 import json
 import os
-import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
 from . import cache as _cache
+from . import validate
+from .state import STATE as _STATE, Runtime
 
 
 class ModelError(RuntimeError):
@@ -164,15 +163,88 @@ def get_module(root, dotted: str):
     return obj
 
 
-def layers_of(model):
-    """The list of decoder layers (works on a HF model and on an nnsight envoy of it)."""
-    return get_module(model, architecture_of(model if hasattr(model, "config") else model).layers)
-
-
 def n_layers(model) -> int:
     config = getattr(model, "config", model)
     config = getattr(config, "text_config", config) if not hasattr(config, "num_hidden_layers") else config
     return int(getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer"))
+
+
+def n_layers_of(name_or_path: str) -> int | None:
+    """The number of decoder layers of a model, read from its configuration alone: no weights, no provisioning.
+
+    A checkpoint folder's or a provisioned registry model's config.json; a registry model not provisioned yet, the
+    header of its GGUF file (the block count comes before the vocabulary and the tensors); a hub id, the config in
+    the hub's local cache. None where it cannot be read that way (a hub id never downloaded, a registry model whose
+    package is missing): loading the model then says what is wrong. ModelError for a name that is no model at all.
+    """
+    import struct
+
+    if name_or_path in REGISTRY and not is_provisioned(name_or_path):
+        try:
+            gguf = _gguf_path(REGISTRY[name_or_path])
+        except ModelError:
+            return None
+        scalars = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+        with open(gguf, "rb") as f:
+            def read(fmt: str):
+                return struct.unpack("<" + fmt, f.read(struct.calcsize("<" + fmt)))[0]
+
+            if f.read(4) != b"GGUF" or read("I") < 2:
+                return None
+            read("Q")  # the tensor count
+            arch = None
+            for _ in range(read("Q")):
+                key, kind = f.read(read("Q")).decode("utf-8", "replace"), read("I")
+                if kind == 8:
+                    value = f.read(read("Q")).decode("utf-8", "replace")
+                elif kind in scalars:
+                    value = read(scalars[kind])
+                elif kind == 9:  # an array (e.g. the vocabulary): skipped
+                    item, count = read("I"), read("Q")
+                    if item == 8:
+                        for _ in range(count):
+                            f.seek(read("Q"), 1)
+                    elif item in scalars:
+                        f.seek(count * struct.calcsize("<" + scalars[item]), 1)
+                    else:
+                        return None
+                    continue
+                else:
+                    return None
+                if key == "general.architecture":
+                    arch = value
+                elif arch is not None and key == f"{arch}.block_count":
+                    return int(value)
+        return None
+    if name_or_path in REGISTRY:
+        config = provisioned_path(name_or_path) / "config.json"
+    else:
+        kind, where = resolve(name_or_path)
+        if kind == "hub":
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(str(where), "config.json")
+            if not isinstance(found, str):
+                return None
+            config = Path(found)
+        else:
+            config = Path(where) / "config.json"
+    try:
+        cfg = json.loads(config.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the configuration of model {name_or_path!r} ({config}): {exc}") from None
+    cfg = cfg if "num_hidden_layers" in cfg or "n_layer" in cfg else cfg.get("text_config", {})
+    layers = cfg.get("num_hidden_layers") or cfg.get("n_layer")
+    return int(layers) if layers else None
+
+
+def mlp_dim(model) -> int:
+    """The number of MLP neurons per layer (the width of the coefficients), e.g. to check a concept's Dim."""
+    config = getattr(model, "config", model)
+    config = getattr(config, "text_config", config) if not hasattr(config, "num_hidden_layers") else config
+    if getattr(config, "intermediate_size", None):
+        return int(config.intermediate_size)
+    return int(getattr(config, "n_inner", None) or 4 * config.n_embd)  # GPT-2: n_inner, by default 4 x hidden
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -242,8 +314,7 @@ def provision(name: str, *, force: bool = False, quiet: bool = False) -> Path:
             raise ModelError(f"provisioning {name}: weights did not match the config (missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]})")
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-        try:
+        with _cache.atomic_folder(final) as tmp:
             plain.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             provenance = {
@@ -256,12 +327,6 @@ def provision(name: str, *, force: bool = False, quiet: bool = False) -> Path:
                 "provisioned_seconds": round(time.time() - t0, 1),
             }
             (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         if not quiet:
             print(f"[dissect-unlearning] {name} ready in {time.time() - t0:.1f} s at {final}", flush=True)
         return final
@@ -296,64 +361,42 @@ def _sha256(path: Path, chunk: int = 1 << 20) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 # Runtime: the device and dtype every load() uses unless told otherwise
 # --------------------------------------------------------------------------------------------------------------------
-DEVICES = ("cpu", "cuda", "cuda:N", "mps", "auto")
-DTYPES = ("float32", "float16", "bfloat16")
-_DEVICE_RE = re.compile(r"cpu|mps|auto|cuda(:\d+)?")
+DEVICES = validate.DEVICES
+DTYPES = validate.DTYPES
 
 
-class Runtime(NamedTuple):
-    device: str | None = None
-    dtype: str | None = None
-
-
-# One setting per process: a notebook sets it once from its parameters, and every stage (and the cached artefacts'
-# .load()) sees it without a device/dtype argument on each function.
-_runtime = Runtime()
-
-
-def _check_device(device):
-    if device is None or (isinstance(device, str) and _DEVICE_RE.fullmatch(device)):
-        return device
-    raise ValueError(f"device must be None or one of {', '.join(DEVICES)} (N = a GPU number), got {device!r}")
-
-
-def _check_dtype(dtype):
-    if dtype is None or (isinstance(dtype, str) and dtype in DTYPES):
-        return dtype
-    raise ValueError(f"dtype must be None (the model's default) or one of {', '.join(DTYPES)}, got {dtype!r}")
-
-
+# One setting per process (held in state.STATE, with the process's other state): a notebook sets it once from its
+# parameters, and every stage (and the cached artefacts' .load()) sees it without a device/dtype argument on each
+# function.
 def set_runtime(device: str | None = None, dtype: str | None = None) -> Runtime:
     """Set the device and dtype that load() uses when its own arguments are None; return the new setting.
 
     set_runtime() (both None) restores the default: float32 on the CPU for registry models and checkpoint folders.
     """
-    global _runtime
-    _runtime = Runtime(_check_device(device), _check_dtype(dtype))
-    return _runtime
+    _STATE.runtime = Runtime(validate.check_device(device), validate.check_dtype(dtype))
+    return _STATE.runtime
 
 
 def runtime() -> Runtime:
     """The current (device, dtype) setting."""
-    return _runtime
+    return _STATE.runtime
 
 
 @contextlib.contextmanager
 def using_runtime(device: str | None = None, dtype: str | None = None) -> Iterator[Runtime]:
     """Inside the block the runtime is (device, dtype); afterwards it is what it was, even after an exception."""
-    global _runtime
-    before = _runtime
+    before = _STATE.runtime
     try:
         yield set_runtime(device, dtype)
     finally:
-        _runtime = before
+        _STATE.runtime = before
 
 
 def resolve_device(device: str | None) -> str | None:
     """'auto' -> 'cuda' if torch sees a GPU, else 'cpu'; a CUDA device without CUDA fails here, with what to do."""
     import torch
 
-    device = _check_device(device)
+    device = validate.check_device(device)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device and device.startswith("cuda") and not torch.cuda.is_available():
@@ -428,8 +471,8 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | None = None, device:
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = _check_dtype(dtype) if dtype is not None else _runtime.dtype
-    device = resolve_device(device if device is not None else _runtime.device)
+    dtype = validate.check_dtype(dtype) if dtype is not None else runtime().dtype
+    device = resolve_device(device if device is not None else runtime().device)
     kind, where = resolve(name_or_path)
     torch_dtype = getattr(torch, dtype) if dtype else (torch.float32 if kind != "hub" else "auto")
     try:
@@ -448,9 +491,10 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | None = None, device:
 
 
 def identity(name_or_path: str) -> dict:
-    """What determines a model's outputs, for cache keys: the registry source hash, or a checkpoint fingerprint;
-    plus the runtime dtype when it is set and differs from the model's default (a bfloat16 model gives other numbers).
-    Only then: the keys of the default runtime stay exactly what they were. The device is left out on purpose."""
+    """What determines a model's outputs, for cache keys: the registry source hash, or the hash of a checkpoint
+    folder's full content (checkpoint_fingerprint); plus the runtime dtype when it is set and differs from the model's
+    default (a bfloat16 model gives other numbers). Only then: the keys of the default runtime stay exactly what they
+    were. The device is left out on purpose."""
     kind, where = resolve(name_or_path)
     if kind == "registry":
         prov = json.loads((Path(where) / "provenance.json").read_text())
@@ -459,27 +503,111 @@ def identity(name_or_path: str) -> dict:
         out = {"kind": kind, "fingerprint": checkpoint_fingerprint(Path(where))}
     else:
         out = {"kind": kind, "id": str(where)}
-    if _runtime.dtype is not None and _runtime.dtype != default_dtype(kind):
-        out["dtype"] = _runtime.dtype
+    dtype = runtime().dtype
+    if dtype is not None and dtype != default_dtype(kind):
+        out["dtype"] = dtype
     return out
 
 
 def checkpoint_fingerprint(folder: Path) -> str:
-    """sha256 over config + weight files (size, head and tail): cheap even for a 7B checkpoint, and it changes when the
-    weights do (a fine-tuned model differs everywhere)."""
+    """sha256 over the name and full content hash of every file in a checkpoint folder (hidden files and
+    sub-folders aside: from_pretrained does not read them). Any weight that differs gives another fingerprint; the
+    same files in another folder give the same one. Each file's hash is remembered in the cache, so re-checking an
+    unchanged checkpoint only reads the remembered hashes."""
     h = hashlib.sha256()
     for p in sorted(folder.iterdir()):
-        if p.suffix not in {".json", ".safetensors", ".bin"} or not p.is_file():
+        if p.name.startswith(".") or not p.is_file():
             continue
-        h.update(p.name.encode())
-        size = p.stat().st_size
-        h.update(str(size).encode())
-        with open(p, "rb") as f:
-            h.update(f.read(1 << 20))
-            if size > 2 << 20:
-                f.seek(size - (1 << 20))
-                h.update(f.read())
+        h.update(f"{p.name}\0{file_content_hash(p)}\n".encode())
     return h.hexdigest()
+
+
+# Bump when the way a file's content is hashed changes: remembered hashes of an older scheme are then ignored.
+_CONTENT_HASH_SCHEME = "content-v1"
+# Reading a small file costs less than reading its remembered hash, so only larger files are remembered.
+_REMEMBER_FROM_BYTES = 1 << 20
+_CHUNK = 8 << 20
+
+
+def file_content_hash(path: Path) -> str:
+    """sha256 of a file's content: for a safetensors file its tensors (name, dtype, shape, data), so that header
+    metadata and tensor order do not count; for any other file all its bytes.
+
+    The hash is remembered by (path, size, mtime, ctime, inode): mtime alone can be set back by cp -p, rsync -t or
+    tar over a rewritten file, ctime and the inode cannot."""
+    path = Path(path).resolve()  # a hub snapshot's files are links to blobs: remember the blob once
+    before = path.stat()
+    memo = _cache.cache_root() / "fingerprints" / (hashlib.sha256(str(path).encode()).hexdigest()[:32] + ".json")
+    stamp = {"scheme": _CONTENT_HASH_SCHEME, "path": str(path), **_stat_stamp(before)}
+    remember = before.st_size >= _REMEMBER_FROM_BYTES
+    if remember:
+        try:
+            known = json.loads(memo.read_text())
+            if {k: known.get(k) for k in stamp} == stamp and isinstance(known.get("sha256"), str):
+                return known["sha256"]
+        except (OSError, ValueError):
+            pass  # no memo yet, or a damaged one: hash the file
+    digest = _safetensors_tensor_hash(path) if path.suffix == ".safetensors" else None
+    digest = digest or _bytes_hash(path)
+    # A file that changed while it was read gives a hash of neither version: remember nothing then.
+    if remember and _stat_stamp(path.stat()) == _stat_stamp(before):
+        try:
+            _cache.atomic_write_text(memo, json.dumps({**stamp, "sha256": digest}))
+        except OSError:
+            pass  # a read-only cache only costs the re-read next time
+    return digest
+
+
+def _stat_stamp(st: os.stat_result) -> dict:
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
+def _bytes_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        _hash_span(f, h, os.fstat(f.fileno()).st_size)
+    return "bytes:" + h.hexdigest()
+
+
+def _hash_span(f, h, length: int) -> bool:
+    """Feed the next `length` bytes of f into h; False if the file ends first."""
+    buf = memoryview(bytearray(min(length, _CHUNK)))
+    while length:
+        n = f.readinto(buf[:min(length, _CHUNK)])
+        if not n:
+            return False
+        h.update(buf[:n])
+        length -= n
+    return True
+
+
+def _safetensors_tensor_hash(path: Path) -> str | None:
+    """Hash of the tensors of a safetensors file, in name order; None when the file is not valid safetensors (it
+    is then hashed as bytes, and loading it will fail with its own message)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            return None
+        header_len = int.from_bytes(head, "little")
+        if header_len > size - 8:
+            return None
+        try:
+            header = json.loads(f.read(header_len))
+            tensors = sorted((name, t["dtype"], list(t["shape"]), int(t["data_offsets"][0]),
+                              int(t["data_offsets"][1])) for name, t in header.items() if name != "__metadata__")
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return None
+        data_start = 8 + header_len
+        h = hashlib.sha256()
+        for name, dtype, shape, begin, end in tensors:
+            if not 0 <= begin <= end <= size - data_start:
+                return None
+            h.update(json.dumps([name, dtype, shape, end - begin]).encode())
+            f.seek(data_start + begin)
+            if not _hash_span(f, h, end - begin):
+                return None
+    return "tensors:" + h.hexdigest()
 
 
 def describe(name: str) -> dict:

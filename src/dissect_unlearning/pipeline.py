@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import cache, concepts as concepts_mod, models, prompts
+from . import cache, concepts as concepts_mod, models, prompts, tables, validate
 
 ANSWER_COLUMNS = [
     "model", "concept", "concept_index", "kind", "question_index", "question", "prompt_format", "prompt_text",
@@ -29,6 +29,8 @@ def answers(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None, 
     unrelated questions. `loaded` = an already loaded (model, tokenizer) of `model`, to skip a reload.
     Columns: see ANSWER_COLUMNS; `prompt_ids` / `answer_ids` are the exact token spans.
     """
+    validate.check_int(max_new_tokens, "max_new_tokens", 1)
+    validate.check_int(batch_size, "batch_size", 1)
     cset = concepts if isinstance(concepts, concepts_mod.ConceptSet) else load_concepts(concepts, select)
     if isinstance(concepts, concepts_mod.ConceptSet) and select is not None:
         cset = cset.select(select)
@@ -66,22 +68,14 @@ def answers(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None, 
                 "n_answer_tokens": len(a.answer_ids), "expected": exp,
                 "correct": None if exp is None else concepts_mod.answer_matches(a.answer_text, exp),
             })
-        _write_parquet(pd.DataFrame.from_records(records, columns=ANSWER_COLUMNS), folder / "answers.parquet")
+        tables.write_parquet(pd.DataFrame.from_records(records, columns=ANSWER_COLUMNS), folder / "answers.parquet")
 
     folder = cache.get_or_build("answers", inputs, build)
     return pd.read_parquet(folder / "answers.parquet")
 
 
-def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    import io
-
-    buf = io.BytesIO()
-    df.to_parquet(buf, index=False)
-    cache.atomic_write_bytes(path, buf.getvalue())
-
-
 # --------------------------------------------------------------------------------------------------------------------
-# Unlearned models (issue 3)
+# Unlearned models
 # --------------------------------------------------------------------------------------------------------------------
 def unlearned(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: str | int = 0, method: str = "grad_diff",
               progress: bool = True, **settings):
@@ -105,7 +99,6 @@ def unlearned(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: st
         "retain": retain.content_hash(),
         "method": config.method,
         "settings": config.to_dict(),
-        "unlearning_version": artefact.UNLEARNING_VERSION,
     }
 
     def build(folder: Path) -> None:
@@ -133,7 +126,6 @@ def vanilla_qa(model: str, concept_list, prompt_format: str, max_new_tokens: int
 
 BEHAVIOUR_COLUMNS = ["model", "concept", "method", "stage", "split", "metric", "value", "n", "retain_concept",
                      "settings", "versions"]
-BEHAVIOUR_VERSION = "1"  # bump when the scoring below changes
 
 
 def behaviour(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None,
@@ -148,13 +140,16 @@ def behaviour(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None
     {method: overrides}. Each (concept, method) is cached on its own (kind 'behaviour').
     """
     from . import metrics
+    from .unlearning import UnlearnConfig
 
+    for method in methods:  # the settings of every method, before the vanilla answers are generated
+        UnlearnConfig.for_method(method, **_method_settings(settings, method))
     cset = concepts if isinstance(concepts, concepts_mod.ConceptSet) else load_concepts(concepts)
     chosen = cset.select(select)
     fmt = prompts.resolve_format(prompt_format, models.load_tokenizer(model))
     van = answers(model, chosen, prompt_format=fmt, progress=progress)
     expected = {q: alts for c in cset if c.answers for q, alts in zip(c.questions, c.answers)}
-    common = {"model": models.identity(model), "prompt_format": fmt, "version": BEHAVIOUR_VERSION,
+    common = {"model": models.identity(model), "prompt_format": fmt,
               "expected": cache.key("expected", expected), "max_new_tokens": 30}
     vanilla_model: list = []  # loaded on first need
 
@@ -181,14 +176,13 @@ def behaviour(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None
 
     def cached(inputs: dict, compute) -> pd.DataFrame:
         def build(folder: Path) -> None:
-            _write_parquet(compute(), folder / "scores.parquet")
+            tables.write_parquet(compute(), folder / "scores.parquet")
         return pd.read_parquet(cache.get_or_build("behaviour", inputs, build) / "scores.parquet")
 
     frames = []
     for c in chosen:
         for method in methods:
-            overrides = dict(settings.get(method, {}) if settings and set(settings) <= set(_methods()) else
-                             settings or {})
+            overrides = _method_settings(settings, method)
             overrides.setdefault("prompt_format", fmt)
             u = unlearned(model, cset, c.label, method, progress=progress, **overrides)
             heldout = [h for h in cset if h.name not in (c.name, cset.get(u.retain_concept).name)][:2]
@@ -220,11 +214,16 @@ def _methods() -> tuple[str, ...]:
     return METHODS
 
 
+def _method_settings(settings: dict | None, method: str) -> dict:
+    """behaviour()'s `settings` for one method: overrides for every method, or {method: overrides}."""
+    return dict(settings.get(method, {}) if settings and set(settings) <= set(_methods()) else settings or {})
+
+
 # --------------------------------------------------------------------------------------------------------------------
-# Patching sweeps and layer changes (issue 4)
+# Patching sweeps and layer changes
 # --------------------------------------------------------------------------------------------------------------------
 def sweep(vanilla: str = models.DEFAULT_MODEL, unlearned=None, concepts="builtin", concept=None,
-          experiments=("coef", "attn", "coef+attn", "value"), window: int = 5, layers=None, alignment: str = "answer",
+          experiments=None, window: int = 5, layers=None, alignment: str = "answer",
           prompt_format: str = "auto", questions: int | None = None, kind: str = "target",
           direction: str = "forward", remote=False, progress: bool = True) -> pd.DataFrame:
     """Patching / restoration sweep of one concept's questions on a vanilla/unlearned pair (cached, kind 'sweep').
@@ -234,13 +233,22 @@ def sweep(vanilla: str = models.DEFAULT_MODEL, unlearned=None, concepts="builtin
     concept: name, label, id or index (may be left out when the set has one concept). kind: 'target' (the concept's
     questions) or 'unrelated'. questions: use only the first N. layers: one explicit window (e.g. [-1], the last
     layer) or a list of them ([[27, 28, 29], [29]]) instead of the centred windows of size `window`. direction
-    'reverse' patches the unlearned model's window into the vanilla model. remote: False, True (NDIF) or 'local'. One row per (experiment, window, question); columns:
-    patching.SWEEP_COLUMNS, described in docs/sweep-schema.md.
+    'reverse' patches the unlearned model's window into the vanilla model. remote: False, True (NDIF) or 'local'.
+    One row per (experiment, window, question); columns: patching.SWEEP_COLUMNS, described in docs/sweep-schema.md.
     """
     from . import patching
 
-    exps = [e.name for e in patching.experiments.get(experiments)]
+    chosen = patching.PAPER_EXPERIMENTS if experiments is None else experiments  # None: the paper's four
+    exps = [e.name for e in patching.experiments.get(chosen)]
     patching.check_remote(remote, patching.experiments.get(exps))  # before any work
+    if isinstance(vanilla, str):  # the layer count from the config: a window must fit the model it slides over
+        n_layers = models.n_layers_of(vanilla)
+        validate.check_window(window, n_layers if layers is None else None)  # explicit layers replace the windows
+        validate.check_layers(layers, n_layers)
+        other = models.n_layers_of(str(unlearned)) if isinstance(unlearned, (str, Path)) else None
+        if n_layers and other and other != n_layers:
+            raise ValueError(f"unlearned: {unlearned} has {other} layers, the vanilla model {vanilla!r} {n_layers}: "
+                             f"patching needs two models of one architecture")
     settings = _patching_settings(window, layers, alignment, kind, direction, questions)
 
     def compute(pair, tok, rows):
@@ -277,10 +285,10 @@ def coef_change(vanilla: str = models.DEFAULT_MODEL, unlearned=None, concepts="b
     settings = {"kind": kind, "questions": questions, "alignment": "answer"}
     df, _ = _pair_table("coef_change", compute, vanilla, unlearned, concepts, concept, prompt_format, questions, kind,
                         remote, settings, progress)
-    return df[["concept", "kind"] + change.CHANGE_COLUMNS + _PROVENANCE]
+    return df[["concept", "kind"] + change.CHANGE_COLUMNS + PROVENANCE_COLUMNS]
 
 
-_PROVENANCE = ["vanilla_model", "unlearned_model", "unlearned_identity", "alignment", "prompt_format", "remote",
+PROVENANCE_COLUMNS = ["vanilla_model", "unlearned_model", "unlearned_identity", "alignment", "prompt_format", "remote",
                "settings", "package_version", "torch_version", "transformers_version", "nnsight_version"]
 
 
@@ -351,11 +359,10 @@ def _pair_table(kind_name: str, compute, vanilla, unlearned, concepts, concept, 
         table = compute((models.load(vanilla)[0], u_model), tok, rows)
     else:
         inputs = {"vanilla": models.identity(vanilla), "unlearned": handle["identity"], "concept": c.content_hash(),
-                  "prompt_format": fmt, "remote": str(remote), "settings": settings,
-                  "patching_version": patching.PATCHING_VERSION}
+                  "prompt_format": fmt, "remote": str(remote), "settings": settings}
 
         def build(folder: Path) -> None:
-            _write_parquet(make_table(), folder / "table.parquet")
+            tables.write_parquet(make_table(), folder / "table.parquet")
 
         table = pd.read_parquet(cache.get_or_build(kind_name, inputs, build) / "table.parquet")
     table = table.assign(concept=c.label, kind=kind, **provenance)
@@ -388,16 +395,11 @@ def _unlearned_handle(unlearned) -> dict:
 
 
 def _versions() -> dict:
-    from importlib import metadata
+    from .versions import versions
 
-    def version(dist):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return None
-
-    return {"package_version": version("dissect-unlearning"), "torch_version": version("torch"),
-            "transformers_version": version("transformers"), "nnsight_version": version("nnsight")}
+    v = versions()
+    return {"package_version": v["dissect-unlearning"], "torch_version": v["torch"],
+            "transformers_version": v["transformers"], "nnsight_version": v["nnsight"]}
 
 
 RELEARN_COLUMNS = ["model", "concept", "method", "data", "step", "split", "metric", "value", "n", "settings"]
@@ -419,6 +421,12 @@ def relearn(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: str 
 
     if data not in relearn_mod.KINDS:
         raise ValueError(f"relearning data must be one of {relearn_mod.KINDS}, got {data!r}")
+    if not (isinstance(steps, (list, tuple, range)) and steps
+            and all(validate.int_in_range(k, 0, 1000) for k in steps)):
+        raise ValueError(f"steps must be a non-empty list of step counts from 0 to 1000, got {steps!r}")
+    if not (validate.is_number(lr) and 0 < lr < 1):
+        raise ValueError(f"lr must be a finite number in (0, 1), got {lr!r}")
+    validate.check_int(batch_size, "batch_size", 1)
     cset = concepts if isinstance(concepts, concepts_mod.ConceptSet) else load_concepts(concepts)
     target = cset.get(concept)
     fmt = prompts.resolve_format(prompt_format, models.load_tokenizer(model))
@@ -433,7 +441,7 @@ def relearn(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: str 
     van = van[van.kind == "target"].sort_values("question_index")
     qa = [(q, list(p), list(a)) for q, p, a in zip(van.question, van.prompt_ids, van.answer_ids)]
     inputs = {"unlearned": u.identity(), "data": data, "steps": sorted(set(int(k) for k in steps)), "lr": lr,
-              "batch_size": batch_size, "other": other.content_hash() if other else None, "version": "1"}
+              "batch_size": batch_size, "other": other.content_hash() if other else None}
 
     def build(folder: Path) -> None:
         m, tok = u.load()
@@ -452,7 +460,7 @@ def relearn(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: str 
 
         rows = relearn_mod.relearn(m, tok, train, inputs["steps"], evaluate, lr=lr, batch_size=batch_size,
                                    seed=u.config.seed, progress=progress)
-        _write_parquet(pd.DataFrame(rows), folder / "relearn.parquet")
+        tables.write_parquet(pd.DataFrame(rows), folder / "relearn.parquet")
 
     df = pd.read_parquet(cache.get_or_build("relearn", inputs, build) / "relearn.parquet")
     df = df.assign(model=model, concept=target.label, method=u.label, data=data,

@@ -5,8 +5,9 @@ and returns an `alt.Chart`; it never touches a model. `show(chart, name)` displa
 draws with the Vega JavaScript the book serves from its own `_static/` folder (see `javascript_bundle`), and saves a
 static SVG beside the page for print and for readers without JavaScript.
 
-Colours are fixed per method and per experiment for the whole book (METHOD_COLOURS, EXPERIMENT_COLOURS), so
-"DPO" is the same red in every chapter.
+Colours and labels of methods and experiments come from their registries (unlearning.methods,
+patching.experiments), so "DPO" is the same red in every chapter; a name outside them (a chapter's derived series,
+e.g. "last layer only") keeps its name as label and gets a spare colour.
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 
+from .patching import experiments as experiments_mod, sites as sites_mod
+from .tables import require_columns
+from .unlearning import methods as methods_mod
+
 # Vega-Lite version of the specs Altair writes; the served bundle and the SVG export use the same one.
 VEGALITE_VERSION = ".".join(alt.SCHEMA_VERSION.lstrip("v").split(".")[:2])
 BUNDLE_NAME = "dissect-vega.js"  # file name of the served bundle inside the book's _static/
@@ -27,42 +32,10 @@ FIGURES_ENV = "DISSECT_UNLEARNING_FIGURES"  # where show() saves static images (
 # --------------------------------------------------------------------------------------------------------------------
 # One palette for the whole book
 # --------------------------------------------------------------------------------------------------------------------
-METHOD_LABELS = {
-    "vanilla": "vanilla (before unlearning)",
-    "grad_ascent": "Gradient Ascent",
-    "grad_diff": "Gradient Difference",
-    "npo": "NPO",
-    "dpo": "DPO",
-    "idk_dpo": "DPO (\"I don't know\")",
-}
-METHOD_COLOURS = {
-    "vanilla": "#7f7f7f",
-    "grad_ascent": "#8c564b",
-    "grad_diff": "#1f77b4",
-    "npo": "#2ca02c",
-    "dpo": "#d62728",
-    "idk_dpo": "#9467bd",
-}
-EXPERIMENT_LABELS = {
-    "coef": "MLP coefficients",
-    "attn": "attention states",
-    "coef+attn": "coefficients + attention",
-    "value": "value vectors",
-    "key": "key weights",
-    "mlp": "whole MLP",
-    "layer": "whole layer",
-}
-EXPERIMENT_COLOURS = {
-    "coef": "#4c78a8",
-    "attn": "#f58518",
-    "coef+attn": "#54a24b",
-    "value": "#b279a2",
-    "key": "#e5b800",
-    "mlp": "#72b7b2",
-    "layer": "#9d755d",
-}
-STAGE_COLOURS = {"vanilla": "#7f7f7f", "unlearned": "#d62728"}
-# For names not in a palette (a user's own method): stable colours that are not used above.
+# The vanilla model is drawn beside the methods (before / after unlearning).
+VANILLA_LABEL = "vanilla (before unlearning)"
+VANILLA_COLOUR = "#7f7f7f"
+# For names without a colour (a chapter's derived series): stable colours that no built-in entry uses.
 _SPARE = ["#17becf", "#bcbd22", "#e377c2", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173"]
 
 METRIC_LABELS = {
@@ -88,33 +61,46 @@ def _palette(names, colours: dict) -> tuple[list, list]:
     return known + unknown, [colours[n] for n in known] + [_SPARE[i % len(_SPARE)] for i in range(len(unknown))]
 
 
+def method_labels() -> dict[str, str]:
+    """{name: label} of the vanilla model and every registered unlearning method."""
+    return {"vanilla": VANILLA_LABEL, **{m.name: m.label for m in methods_mod.REGISTRY.values()}}
+
+
+def method_colours() -> dict[str, str]:
+    """{name: colour} of the vanilla model and every registered unlearning method."""
+    return {"vanilla": VANILLA_COLOUR, **{m.name: m.colour for m in methods_mod.REGISTRY.values()}}
+
+
+def experiment_labels() -> dict[str, str]:
+    return {e.name: e.label for e in experiments_mod.EXPERIMENTS.values()}
+
+
+def experiment_colours() -> dict[str, str]:
+    return {e.name: e.colour for e in experiments_mod.EXPERIMENTS.values()}
+
+
 def method_scale(methods) -> alt.Scale:
-    domain, rng = _palette(methods, METHOD_COLOURS)
+    domain, rng = _palette(methods, method_colours())
     return alt.Scale(domain=domain, range=rng)
 
 
 def experiment_scale(experiments) -> alt.Scale:
-    domain, rng = _palette(experiments, EXPERIMENT_COLOURS)
+    domain, rng = _palette(experiments, experiment_colours())
     return alt.Scale(domain=domain, range=rng)
 
 
 def method_label(name: str) -> str:
-    return METHOD_LABELS.get(name, name)
+    return method_labels().get(name, name)
 
 
 def experiment_label(name: str) -> str:
-    return EXPERIMENT_LABELS.get(name, name)
+    return experiment_labels().get(name, name)
 
 
-def _require(df: pd.DataFrame, columns, what: str) -> None:
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(f"{what}: expected a pandas DataFrame, got {type(df).__name__}")
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{what}: the table lacks column(s) {', '.join(missing)}; "
-                         f"it has {', '.join(map(str, df.columns))}")
-    if df.empty:
-        raise ValueError(f"{what}: the table is empty")
+def quantity_label(name: str) -> str:
+    """A quantity of pipeline.coef_change: a patching site or a parameter set."""
+    entry = sites_mod.SITES.get(name) or experiments_mod.PARAMETER_SETS.get(name)
+    return entry.label if entry else name
 
 
 def _dropdown(field: str, values, label: str, all_label: str):
@@ -140,7 +126,7 @@ def accuracy_by_concept(answers: pd.DataFrame) -> alt.Chart:
 
     `answers`: pipeline.answers() table (columns concept, kind, correct). Rows without expected answers are skipped.
     """
-    _require(answers, ["concept", "kind", "correct"], "accuracy_by_concept")
+    require_columns(answers, ["concept", "kind", "correct"], "accuracy_by_concept", allow_empty=False)
     target = answers[(answers["kind"] == "target") & answers["correct"].notna()]
     if target.empty:
         raise ValueError("accuracy_by_concept: no target question has expected answers (concept field QA_answers)")
@@ -151,7 +137,7 @@ def accuracy_by_concept(answers: pd.DataFrame) -> alt.Chart:
         x=alt.X("accuracy:Q", title="share of target questions answered with an expected answer",
                 scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
         y=alt.Y("concept:N", title=None, sort="-x"),
-        color=alt.value(METHOD_COLOURS["vanilla"]),
+        color=alt.value(VANILLA_COLOUR),
         tooltip=[alt.Tooltip("concept:N"), alt.Tooltip("accuracy:Q", format=".0%"),
                  alt.Tooltip("correct:Q", title="answered"), alt.Tooltip("questions:Q")],
     ).properties(width=440, height=alt.Step(22))
@@ -179,7 +165,8 @@ def behaviour_before_after(behaviour: pd.DataFrame, splits=("target", "unrelated
     `behaviour`: pipeline.behaviour() table (model, concept, method, stage, split, metric, value, n). A drop-down
     picks the metric (and one picks the concept when there are several); the tooltip gives the exact means.
     """
-    _require(behaviour, ["concept", "method", "stage", "split", "metric", "value"], "behaviour_before_after")
+    require_columns(behaviour, ["concept", "method", "stage", "split", "metric", "value"], "behaviour_before_after",
+                    allow_empty=False)
     df = behaviour[behaviour["split"].isin(list(splits))]
     if metrics is not None:
         df = df[df["metric"].isin(list(metrics))]
@@ -214,7 +201,7 @@ def behaviour_before_after(behaviour: pd.DataFrame, splits=("target", "unrelated
         x=alt.X("stage:N", title=None, sort=["vanilla", "unlearned"], axis=alt.Axis(labelAngle=0)),
         y=alt.Y("value:Q", title=y_title),
         color=alt.Color("method:N", scale=method_scale(df["method"]), title="method",
-                        legend=alt.Legend(labelExpr=_label_expr(METHOD_LABELS), orient="bottom", columns=3)),
+                        legend=alt.Legend(labelExpr=_label_expr(method_labels()), orient="bottom", columns=3)),
         detail="method:N",
         tooltip=[alt.Tooltip("method_label:N", title="method"), alt.Tooltip("split_label:N", title="split"),
                  alt.Tooltip("stage:N"), alt.Tooltip("value:Q", title="mean", format=".3f"),
@@ -239,7 +226,8 @@ def loss_curves(curves: pd.DataFrame) -> alt.Chart:
 
     `curves`: concatenated Unlearned.loss_curve tables with columns method, concept, step, forget_loss, retain_loss.
     """
-    _require(curves, ["method", "concept", "step", "forget_loss", "retain_loss"], "loss_curves")
+    require_columns(curves, ["method", "concept", "step", "forget_loss", "retain_loss"], "loss_curves",
+                    allow_empty=False)
     long = curves.melt(id_vars=["method", "concept", "step"], value_vars=["forget_loss", "retain_loss"],
                        var_name="loss", value_name="value").dropna(subset=["value"])
     long["loss"] = long["loss"].map({"forget_loss": "forget set", "retain_loss": "retain set"})
@@ -255,7 +243,7 @@ def loss_curves(curves: pd.DataFrame) -> alt.Chart:
         x=alt.X("step:Q", title="optimiser step"),
         y=alt.Y("value:Q", title="loss (nats per token)"),
         color=alt.Color("method:N", scale=method_scale(long["method"]), title="method",
-                        legend=alt.Legend(labelExpr=_label_expr(METHOD_LABELS), orient="bottom", columns=3)),
+                        legend=alt.Legend(labelExpr=_label_expr(method_labels()), orient="bottom", columns=3)),
         strokeDash=alt.StrokeDash("loss:N", title="data", legend=alt.Legend(orient="bottom")),
         tooltip=[alt.Tooltip("method_label:N", title="method"), alt.Tooltip("loss:N", title="data"),
                  alt.Tooltip("step:Q"), alt.Tooltip("value:Q", title="loss", format=".3f")],
@@ -274,7 +262,8 @@ def krs_by_window(sweep: pd.DataFrame, experiments=None, title: str = "Knowledge
     concepts and methods with columns `concept` and `method`. KRS is averaged over the questions of each
     (method, concept), then - in the browser - over the methods and concepts picked in the drop-downs.
     """
-    _require(sweep, ["experiment", "center_layer", "layers", "krs", "method", "concept"], "krs_by_window")
+    require_columns(sweep, ["experiment", "center_layer", "layers", "krs", "method", "concept"], "krs_by_window",
+                    allow_empty=False)
     df = sweep if experiments is None else sweep[sweep["experiment"].isin(list(experiments))]
     if df.empty:
         raise ValueError(f"krs_by_window: no rows for experiments {list(experiments)}; the table has "
@@ -294,12 +283,12 @@ def krs_by_window(sweep: pd.DataFrame, experiments=None, title: str = "Knowledge
     chart = chart.transform_aggregate(
         krs="mean(krs)", pairs="count()", groupby=["experiment", "experiment_label", "center_layer", "window"],
     )
-    order = [e for e in EXPERIMENT_COLOURS if e in set(df["experiment"])]
+    order = [e for e in experiment_colours() if e in set(df["experiment"])]
     chart = chart.mark_line(point=alt.OverlayMarkDef(size=45, filled=True)).encode(
         x=alt.X("center_layer:Q", title="centre layer of the patched window", axis=alt.Axis(tickMinStep=1)),
         y=alt.Y("krs:Q", title=y_title),
         color=alt.Color("experiment:N", scale=experiment_scale(df["experiment"]), sort=order, title="restored",
-                        legend=alt.Legend(labelExpr=_label_expr(EXPERIMENT_LABELS), orient="bottom", columns=3)),
+                        legend=alt.Legend(labelExpr=_label_expr(experiment_labels()), orient="bottom", columns=3)),
         tooltip=[alt.Tooltip("experiment_label:N", title="restored"), alt.Tooltip("window:N", title="layers"),
                  alt.Tooltip("krs:Q", title="mean KRS", format=".3f"),
                  alt.Tooltip("pairs:Q", title="(method, concept) pairs averaged")],
@@ -309,12 +298,6 @@ def krs_by_window(sweep: pd.DataFrame, experiments=None, title: str = "Knowledge
     return layered.add_params(*params) if params else layered
 
 
-QUANTITY_LABELS = {
-    "coef": "MLP coefficients", "attn": "attention states", "value": "value vectors (weights)",
-    "key": "key weights", "mlp": "MLP weights", "layer": "layer weights",
-}
-
-
 def change_by_layer(change: pd.DataFrame, quantities=("coef",), value: str = "rel_change",
                     title: str = "How much unlearning changed each layer") -> alt.Chart:
     """Per layer, the relative change ||unlearned - vanilla|| / ||vanilla|| of a quantity, one line per method.
@@ -322,20 +305,20 @@ def change_by_layer(change: pd.DataFrame, quantities=("coef",), value: str = "re
     `change`: pipeline.coef_change() rows (layer, quantity, rel_change, concept) concatenated over methods with a
     `method` column. With several `quantities`, a drop-down picks one.
     """
-    _require(change, ["method", "concept", "layer", "quantity", value], "change_by_layer")
+    require_columns(change, ["method", "concept", "layer", "quantity", value], "change_by_layer", allow_empty=False)
     df = change[change["quantity"].isin(list(quantities))]
     if df.empty:
         raise ValueError(f"change_by_layer: no rows for quantities {list(quantities)}; the table has "
                          f"{', '.join(map(str, change['quantity'].unique()))}")
     df = df.groupby(["method", "concept", "quantity", "layer"], sort=False)[value].mean().reset_index()
     df["method_label"] = df["method"].map(method_label)
-    df["quantity_label"] = df["quantity"].map(lambda q: QUANTITY_LABELS.get(q, q))
+    df["quantity_label"] = df["quantity"].map(lambda q: quantity_label(q))
     chart = alt.Chart(df)
     params = []
     present = list(dict.fromkeys(df["quantity"]))
     if len(present) > 1:
         params.append(alt.param(name="pick_quantity", value=present[0], bind=alt.binding_select(
-            options=present, labels=[QUANTITY_LABELS.get(q, q) for q in present], name="quantity ")))
+            options=present, labels=[quantity_label(q) for q in present], name="quantity ")))
         chart = chart.transform_filter("datum.quantity == pick_quantity")
     concepts = list(dict.fromkeys(df["concept"]))
     if len(concepts) > 1:
@@ -345,12 +328,12 @@ def change_by_layer(change: pd.DataFrame, quantities=("coef",), value: str = "re
                                       groupby=["method", "method_label", "quantity_label", "layer"])
     y_title = "relative change ||unlearned - vanilla|| / ||vanilla||"
     if len(present) == 1:
-        y_title = f"{QUANTITY_LABELS.get(present[0], present[0])}: relative change"
+        y_title = f"{quantity_label(present[0])}: relative change"
     chart = chart.mark_line(point=True).encode(
         x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1)),
         y=alt.Y("v:Q", title=y_title),
         color=alt.Color("method:N", scale=method_scale(df["method"]), title="method",
-                        legend=alt.Legend(labelExpr=_label_expr(METHOD_LABELS), orient="bottom", columns=3)),
+                        legend=alt.Legend(labelExpr=_label_expr(method_labels()), orient="bottom", columns=3)),
         tooltip=[alt.Tooltip("method_label:N", title="method"), alt.Tooltip("quantity_label:N", title="quantity"),
                  alt.Tooltip("layer:Q"), alt.Tooltip("v:Q", title="relative change", format=".4f")],
     ).properties(width=460, height=260, title=title)
@@ -370,7 +353,8 @@ def relearning_curves(relearn: pd.DataFrame, metric: str = "rougeL",
 
     `relearn`: pipeline.relearn() rows (method, concept, data, step, split, metric, value), concatenated.
     """
-    _require(relearn, ["method", "concept", "data", "step", "metric", "value"], "relearning_curves")
+    require_columns(relearn, ["method", "concept", "data", "step", "metric", "value"], "relearning_curves",
+                    allow_empty=False)
     df = relearn[relearn["metric"] == metric]
     if df.empty:
         raise ValueError(f"relearning_curves: no rows for metric {metric!r}; the table has "
@@ -391,7 +375,7 @@ def relearning_curves(relearn: pd.DataFrame, metric: str = "rougeL",
         y=alt.Y("v:Q", title=f"target questions: {METRIC_LABELS.get(metric, metric)}",
                 scale=alt.Scale(domain=[0, 1] if metric in ("rougeL", "bleu", "accuracy") else alt.Undefined)),
         color=alt.Color("method:N", scale=method_scale(df["method"]), title="method",
-                        legend=alt.Legend(labelExpr=_label_expr(METHOD_LABELS), orient="bottom", columns=3)),
+                        legend=alt.Legend(labelExpr=_label_expr(method_labels()), orient="bottom", columns=3)),
         tooltip=[alt.Tooltip("method_label:N", title="method"), alt.Tooltip("data_label:N", title="relearned on"),
                  alt.Tooltip("step:Q", title="steps"), alt.Tooltip("v:Q", title="score", format=".3f"),
                  alt.Tooltip("concepts:Q", title="concepts averaged")],

@@ -3,14 +3,20 @@
 Later experiments score "the positions that predict the answer tokens". To know those positions exactly we never
 re-tokenise the answer text: we keep the prompt token ids and the generated answer token ids, and build every
 teacher-forced batch from them.
+
+The token-level tools every layer above shares live here, once: `pad` (a batch of sequences, left or right padded,
+with its mask), `greedy_generate` (batched greedy decoding) and `token_logprobs` (the log-probability of each
+labelled token of a teacher-forced batch; unlearning losses and perplexity are built from it).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 FORMATS = ("paper", "chat")
+IGNORE = -100  # label of a position that carries no loss (prompt tokens, padding): cross_entropy's ignore_index
 PAPER_TEMPLATE = "Question: {q}\n Answer:"
 
 
@@ -54,14 +60,34 @@ class Answer:
         return self.prompt_ids + self.answer_ids
 
 
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_id(tok) -> int:
+    """The token id that fills padding: the tokenizer's pad token, else its EOS, else 0.
+
+    Its value never reaches a real token's output (padding is masked out, or comes after the sequence), so any id
+    would do; generate() also fills finished rows with it, which answers are cut before."""
+    for candidate in (tok.pad_token_id, tok.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+def pad(seqs, value: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, width] filled with `value` around the sequences, mask [B, width]: 1 on the sequences' own tokens).
+
+    side "left": every row ends in the last column, so a batch of prompts ends where generation starts (positions
+    then come from the mask). side "right": every row starts in column 0, so its positions are the plain 0..n-1 and
+    padding comes after the sequence, where a causal model never looks. `value` is a pad token id, or IGNORE for
+    a batch of labels."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    ids = torch.full((len(seqs), width), value, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s):] = 1
+        if len(s):
+            cols = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+            ids[i, cols] = torch.tensor(s, dtype=torch.long)
+            mask[i, cols] = 1
     return ids, mask
 
 
@@ -77,34 +103,68 @@ def eos_ids(tok, model=None) -> set[int]:
 
 
 @torch.no_grad()
+def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int | list[int], stop: set[int], pad_token: int,
+                    batch_size: int = 16, by_length: bool = False, progress: str | None = None) -> list[list[int]]:
+    """The greedy continuation of each prompt (token ids): at most max_new_tokens[i] tokens (one int: the same for
+    all), cut after the first token in `stop` (which is kept). Batched with left padding, on the model's device.
+
+    Batches take the prompts in their order, or with by_length=True sorted by length (similar lengths batch with
+    less padding). Batched greedy decoding equals the unbatched one only up to float rounding, so which prompts
+    share a batch is the caller's to keep: a changed batch could flip a near-tie and change a stored answer.
+    progress: the label of a progress bar over the batches (None: no bar)."""
+    from tqdm.auto import tqdm
+
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    order = list(range(len(prompts)))
+    if by_length:
+        order.sort(key=lambda i: len(prompts[i]))
+    device = next(model.parameters()).device
+    out: list[list[int]] = [[] for _ in prompts]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
+        ids, mask = pad([prompts[i] for i in batch], pad_token, "left")
+        width = ids.shape[1]
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=max(budgets[i] for i in batch), do_sample=False, num_beams=1,
+                             pad_token_id=pad_token, eos_token_id=sorted(stop) or None,
+                             temperature=None, top_p=None, top_k=None)
+        for row, i in enumerate(batch):
+            new = gen[row, width:width + budgets[i]].tolist()
+            cut = next((j for j, t in enumerate(new) if t in stop), None)
+            out[i] = new if cut is None else new[:cut + 1]
+    return out
+
+
 def generate_answers(model, tok, questions: list[str], fmt: str = "auto", max_new_tokens: int = 30,
                      batch_size: int = 16, progress: bool | str = False) -> list[Answer]:
     """Greedy answers, batched with left padding; each equals the unbatched answer (tests check it)."""
-    from tqdm.auto import tqdm
-
     fmt = resolve_format(fmt, tok)
     prompts = [encode_prompt(q, tok, fmt) for q in questions]
-    stop = eos_ids(tok, model)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(stop))
-    device = next(model.parameters()).device
-    out: list[Answer] = []
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch with less padding
-    results: dict[int, list[int]] = {}
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    desc = progress if isinstance(progress, str) else "vanilla answers"
-    for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
-        ids, mask = left_pad([prompts[i] for i in batch], pad_id)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             do_sample=False, num_beams=1, pad_token_id=pad_id, eos_token_id=sorted(stop) or None,
-                             temperature=None, top_p=None, top_k=None)
-        for row, i in enumerate(batch):
-            new = gen[row, ids.shape[1]:].tolist()
-            cut = next((j for j, t in enumerate(new) if t in stop), None)
-            results[i] = new if cut is None else new[:cut + 1]
-    for i, q in enumerate(questions):
-        out.append(Answer(question=q, prompt_text=prompt_text(q, tok, fmt), prompt_ids=prompts[i],
-                          answer_ids=results[i], answer_text=tok.decode(results[i], skip_special_tokens=True).strip()))
-    return out
+    label = (progress if isinstance(progress, str) else "vanilla answers") if progress else None
+    answers = greedy_generate(model, prompts, max_new_tokens, eos_ids(tok, model), pad_id(tok), batch_size,
+                              by_length=True, progress=label)
+    return [Answer(question=q, prompt_text=prompt_text(q, tok, fmt), prompt_ids=p, answer_ids=a,
+                   answer_text=tok.decode(a, skip_special_tokens=True).strip())
+            for q, p, a in zip(questions, prompts, answers)]
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                   reduction: str = "none") -> torch.Tensor:
+    """log p(labels[:, t]) given the tokens before t, for a teacher-forced batch (inputs on the model's device).
+
+    reduction "none": one value per predicted position [B, T - 1] (column t - 1 holds the log-prob of token t; 0
+    where the label is IGNORE); "sum": their sum over the batch, summed inside cross_entropy, whose summation order
+    perplexity has always used (a sum of the "none" values can differ in the last bits). In float32 whatever the
+    model's dtype."""
+    if reduction not in ("none", "sum"):
+        raise ValueError(f"reduction must be 'none' or 'sum', got {reduction!r}")
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    # The logits at position t predict token t + 1.
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
+                          reduction=reduction)
+    return -(nll.view(target.shape) if reduction == "none" else nll)
 
 
 @dataclass
@@ -134,7 +194,7 @@ class TeacherForcingBatch:
 def teacher_forcing_batch(prompt_ids: list[list[int]], answer_ids: list[list[int]], pad_id: int
                           ) -> TeacherForcingBatch:
     seqs = [p + a for p, a in zip(prompt_ids, answer_ids)]
-    ids, mask = left_pad(seqs, pad_id)
+    ids, mask = pad(seqs, pad_id, "left")
     # Positions count real tokens only, so a padded row computes what the unpadded sequence would.
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     width = ids.shape[1]

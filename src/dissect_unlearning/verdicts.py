@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from .patching import experiments as experiments_mod, sites as sites_mod
+from .tables import require_columns
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -30,23 +33,6 @@ class Verdict:
         return f"**{self.claim}** - {self.answer}. {self.sentence}"
 
 
-def _require(df: pd.DataFrame, columns, what: str) -> None:
-    if not isinstance(df, pd.DataFrame):
-        raise TypeError(f"{what}: expected a pandas DataFrame, got {type(df).__name__}")
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise ValueError(f"{what}: the table lacks column(s) {', '.join(missing)}; "
-                         f"it has {', '.join(map(str, df.columns))}")
-
-
-# How an experiment reads in a sentence ("restoring the MLP coefficients recovers ...").
-WHAT = {
-    "coef": "the MLP coefficients", "attn": "the attention states", "coef+attn": "the MLP coefficients and attention "
-    "states", "value": "the value vectors", "key": "the MLP key weights", "mlp": "the whole MLP", "layer": "the "
-    "whole layer",
-}
-
-
 SPLIT_WORDS = {"target": "the target questions", "unrelated": "the unrelated questions",
                "completion": "text completion", "forget_text": "the forget text", "heldout_text": "held-out text"}
 METRIC_WORDS = {"rougeL": "ROUGE-L", "bleu": "BLEU", "accuracy": "accuracy", "perplexity": "perplexity"}
@@ -60,8 +46,13 @@ def _metric(metric: str) -> str:
     return METRIC_WORDS.get(metric, metric)
 
 
-def _what(experiment: str) -> str:
-    return WHAT.get(experiment, experiment)
+def _what(name: str) -> str:
+    """How an experiment, or a quantity of a change table (a site or a parameter set), reads in a sentence
+    ("restoring the MLP coefficients recovers ..."); another name as it is."""
+    if name in experiments_mod.EXPERIMENTS:
+        return experiments_mod.EXPERIMENTS[name].in_words
+    entry = sites_mod.SITES.get(name) or experiments_mod.PARAMETER_SETS.get(name)
+    return entry.phrase if entry else name
 
 
 def _layers_text(layers) -> str:
@@ -77,7 +68,7 @@ def mean_krs(sweep: pd.DataFrame, experiment: str | None = None) -> pd.DataFrame
 
     Columns: experiment, center_layer, layers (the window, a tuple), window (the same as text), krs, pairs.
     """
-    _require(sweep, ["experiment", "center_layer", "layers", "krs"], "mean_krs")
+    require_columns(sweep, ["experiment", "center_layer", "layers", "krs"], "mean_krs")
     df = sweep if experiment is None else sweep[sweep["experiment"] == experiment]
     if df.empty:
         have = ", ".join(map(str, sweep["experiment"].unique()))
@@ -187,7 +178,7 @@ def stronger_than(sweep: pd.DataFrame, experiment: str = "coef", other: str = "a
 def largest_change_in_last_layers(change: pd.DataFrame, quantity: str = "coef", last: int = 3,
                                   value: str = "rel_change") -> Verdict:
     """Unlearning changed `quantity` most in the model's last `last` layers (mean over methods and concepts)."""
-    _require(change, ["layer", "quantity", value], "largest_change_in_last_layers")
+    require_columns(change, ["layer", "quantity", value], "largest_change_in_last_layers")
     df = change[change["quantity"] == quantity]
     if df.empty:
         raise ValueError(f"largest_change_in_last_layers: no rows for quantity {quantity!r}")
@@ -210,7 +201,7 @@ def largest_change_in_last_layers(change: pd.DataFrame, quantity: str = "coef", 
 # --------------------------------------------------------------------------------------------------------------------
 def _stage_means(behaviour: pd.DataFrame, split: str, metric: str) -> pd.DataFrame:
     """Per method: mean vanilla and unlearned score on `split` / `metric` (concept means, then mean over concepts)."""
-    _require(behaviour, ["concept", "method", "stage", "split", "metric", "value"], "behaviour verdict")
+    require_columns(behaviour, ["concept", "method", "stage", "split", "metric", "value"], "behaviour verdict")
     df = behaviour[(behaviour["split"] == split) & (behaviour["metric"] == metric)]
     van = df[df["stage"] == "vanilla"].groupby("concept")["value"].mean()
     unl = df[df["stage"] == "unlearned"].groupby(["method", "concept"])["value"].mean().reset_index()
@@ -275,7 +266,7 @@ def relearning_recovers(relearn: pd.DataFrame, data: str = "unrelated", min_reco
     """A few relearning steps on `data` win back at least `min_recovered` of what unlearning removed, for every
     method: (score after the last step - unlearned score) / (vanilla - unlearned score), concept means averaged per
     method. `vanilla` is the vanilla model's score (ROUGE-L of the vanilla answer against itself: 1)."""
-    _require(relearn, ["method", "concept", "data", "step", "metric", "value"], "relearning_recovers")
+    require_columns(relearn, ["method", "concept", "data", "step", "metric", "value"], "relearning_recovers")
     df = relearn[(relearn["data"] == data) & (relearn["metric"] == metric)]
     claim = (f"A few fine-tuning steps on {data} data win back {min_recovered:.0%} or more of the forgotten "
              f"{_metric(metric)}, for every method")
@@ -306,7 +297,7 @@ def relearning_recovers(relearn: pd.DataFrame, data: str = "unrelated", min_reco
 def model_knows_concepts(answers: pd.DataFrame, min_accuracy: float = 0.5) -> Verdict:
     """The vanilla model knows each concept: at least `min_accuracy` of its target questions are answered with an
     expected answer. Undecided when the concept set gives no expected answers."""
-    _require(answers, ["concept", "kind", "correct"], "model_knows_concepts")
+    require_columns(answers, ["concept", "kind", "correct"], "model_knows_concepts")
     target = answers[(answers["kind"] == "target") & answers["correct"].notna()]
     claim = f"The vanilla model knows every concept (accuracy {min_accuracy:.0%} or more)"
     if target.empty:

@@ -2,7 +2,8 @@
 
 For a vanilla model, an unlearned model (any second model of the same architecture) and a concept's questions with
 the vanilla answers (teacher forcing), restore something from one model in the other over a window of consecutive
-layers and score how much of the output comes back. See `experiments` (what is restored), `windows` (where),
+layers and score how much of the output comes back. See `sites` (which activations can be patched), `experiments`
+(what each experiment restores: sites and/or a parameter set; the registry to extend), `windows` (where),
 `batch` (the teacher-forced inputs and the scored positions), `score` (KRS, KL, top-1 agreement, aggregation),
 `engine` (the nnsight traces), `restore` (parameter restoration that always undoes itself) and `change` (how much
 each layer changed). The tidy table that pipeline.sweep writes is described by SWEEP_COLUMNS and
@@ -13,16 +14,16 @@ docs/sweep-schema.md.
                          experiments=("coef", "attn", "coef+attn", "value"), window=5)
     patching.aggregate(table, by=("experiment", "center_layer"))
 """
-from .engine import (DIRECTIONS, ENGINE_COLUMNS, REMOTE_CHOICES, RemoteUnavailableError, check_pair, check_remote,
-                     run, wrap)
-from .experiments import EXPERIMENTS, PAPER_EXPERIMENTS, Experiment, parameter_names
+from .engine import (DIRECTIONS, ENGINE_COLUMNS, REMOTE_CHOICES, Pass, RemoteUnavailableError, check_pair,
+                     check_remote, run, wrap)
+from .experiments import (EXPERIMENTS, PAPER_EXPERIMENTS, PARAMETER_SETS, Experiment, ParameterSet, parameter_names,
+                          register_experiment, register_parameter_set, register_site, unregister_experiment,
+                          unregister_parameter_set, unregister_site)
+from .sites import SITES, Site
 from .restore import restored_parameters
 from .batch import ALIGNMENTS, LAYOUTS, ScoringInputs, paper_counts, scoring_inputs
 from .score import Reference, aggregate, kl, krs, mse, top1_agree
 from .windows import Window, centred, explicit, windows
-
-# Bump when a change of this package changes the numbers of a sweep (part of every sweep's cache key).
-PATCHING_VERSION = "1"
 
 # The columns of a sweep table (pipeline.sweep / `dissect-unlearning sweep`), in order; docs/sweep-schema.md
 # describes each one.
@@ -38,8 +39,10 @@ SWEEP_COLUMNS = [
 ]
 
 __all__ = [
-    "ALIGNMENTS", "DIRECTIONS", "ENGINE_COLUMNS", "EXPERIMENTS", "LAYOUTS", "PAPER_EXPERIMENTS", "PATCHING_VERSION",
-    "REMOTE_CHOICES", "SWEEP_COLUMNS", "Experiment", "Reference", "RemoteUnavailableError", "ScoringInputs", "Window",
-    "aggregate", "centred", "check_pair", "check_remote", "explicit", "kl", "krs", "mse", "paper_counts",
-    "parameter_names", "restored_parameters", "run", "scoring_inputs", "top1_agree", "windows", "wrap",
+    "ALIGNMENTS", "DIRECTIONS", "ENGINE_COLUMNS", "EXPERIMENTS", "LAYOUTS", "PAPER_EXPERIMENTS", "PARAMETER_SETS",
+    "REMOTE_CHOICES", "SITES", "SWEEP_COLUMNS", "Experiment", "ParameterSet", "Pass", "Reference",
+    "RemoteUnavailableError", "ScoringInputs", "Site", "Window", "aggregate", "centred", "check_pair", "check_remote",
+    "explicit", "kl", "krs", "mse", "paper_counts", "parameter_names", "register_experiment",
+    "register_parameter_set", "register_site", "restored_parameters", "run", "scoring_inputs", "top1_agree",
+    "unregister_experiment", "unregister_parameter_set", "unregister_site", "windows", "wrap",
 ]

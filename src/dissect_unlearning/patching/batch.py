@@ -84,7 +84,7 @@ def scoring_inputs(prompt_ids: list[list[int]], answer_ids: list[list[int]], tok
             raise ValueError(f"question {q}: the prompt has no tokens")
         if not a:
             raise ValueError(f"question {q}: the vanilla answer has no tokens, so no position predicts it")
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = prompts.pad_id(tok)
     if alignment == "paper":
         return _paper(prompt_ids, answer_ids, tok, pad_id)
     if layout == "padded":
@@ -124,23 +124,23 @@ def _packed(seqs, scored, pad_id, capacity) -> ScoringInputs:
             used = prefix
         rows_of[-1].append(q)
         used += n
-    width = max(prefix + sum(len(seqs[q]) - prefix for q in qs) for qs in rows_of)
-    ids = torch.full((len(rows_of), width), pad_id, dtype=torch.long)
-    pos = torch.zeros((len(rows_of), width), dtype=torch.long)
-    seg = torch.full((len(rows_of), width), -2, dtype=torch.long)  # -2 padding, -1 shared prefix, q = question q
+    # Per row: token ids, position ids and segments (-1 shared prefix, q = question q), right padded below.
+    row_ids, row_pos, row_seg = [], [], []
     where = {}
     for r, qs in enumerate(rows_of):
-        ids[r, :prefix] = torch.tensor(seqs[0][:prefix], dtype=torch.long)
-        pos[r, :prefix] = torch.arange(prefix)
-        seg[r, :prefix] = -1
-        start = prefix
+        tokens, positions, segments = list(seqs[0][:prefix]), list(range(prefix)), [-1] * prefix
         for q in qs:
-            n = len(seqs[q]) - prefix
-            ids[r, start:start + n] = torch.tensor(seqs[q][prefix:], dtype=torch.long)
-            pos[r, start:start + n] = torch.arange(prefix, len(seqs[q]))
-            seg[r, start:start + n] = q
-            where[q] = (r, start - prefix)  # column of the question's own position t is start - prefix + t
-            start += n
+            where[q] = (r, len(tokens) - prefix)  # column of the question's own position t: len(tokens) - prefix + t
+            tokens += seqs[q][prefix:]
+            positions += range(prefix, len(seqs[q]))
+            segments += [q] * (len(seqs[q]) - prefix)
+        row_ids.append(tokens)
+        row_pos.append(positions)
+        row_seg.append(segments)
+    ids, _ = prompts.pad(row_ids, pad_id, "right")
+    pos, _ = prompts.pad(row_pos, 0, "right")
+    seg, _ = prompts.pad(row_seg, -2, "right")  # -2: padding
+    width = ids.shape[1]
     idx = torch.arange(width)
     causal = idx[None, :] <= idx[:, None]
     same = (seg[:, None, :] == seg[:, :, None]) | (seg[:, None, :] == -1)  # [row, query, key]

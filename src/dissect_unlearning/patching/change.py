@@ -1,12 +1,8 @@
 """How much unlearning changed each layer: activations on the answer positions, and weights.
 
-relative change = ||unlearned - vanilla|| / ||vanilla|| (Frobenius norms), per layer and quantity:
-  coef   MLP coefficients (input of the MLP output projection) at the positions that predict the answer tokens
-  attn   attention states (output of the attention output projection) at the same positions
-  value  the MLP output projection's weight (value vectors)
-  key    the parameters of the MLP input projections
-  mlp    every parameter of the MLP
-  layer  every parameter of the decoder layer
+relative change = ||unlearned - vanilla|| / ||vanilla|| (Frobenius norms), per layer and quantity. The quantities are
+every registered site (sites.SITES: coef, attn), read at the positions that predict the answer tokens, and every
+registered parameter set (experiments.PARAMETER_SETS: value, key, mlp, layer).
 Activations are read through nnsight traces (one per model, `remote` passed through).
 """
 from __future__ import annotations
@@ -14,24 +10,24 @@ from __future__ import annotations
 import torch
 
 from .. import models
-from . import batch as batch_mod, experiments as experiments_mod
-from .engine import _Pass, check_pair, check_remote, wrap
+from . import batch as batch_mod, experiments as experiments_mod, sites as sites_mod
+from .engine import Pass, check_pair, check_remote, wrap
 
-QUANTITIES = ("coef", "attn", "value", "key", "mlp", "layer")
 CHANGE_COLUMNS = ["layer", "quantity", "norm_vanilla", "norm_diff", "rel_change"]
 
 
-def _answer_activations(p: _Pass, n_layers: int):
-    """coef and attn of every layer at the scored positions: two lists of [positions, dim] tensors."""
-    coefs, states = [], []
+def _answer_activations(p: Pass, n_layers: int, sites: list) -> dict:
+    """{site name: [per layer: the value at the scored positions, [positions, dim]]}."""
+    values = {s.name: [] for s in sites}
+    # Resolved to strings before the trace: its body runs remotely too (see engine).
+    where = [(s.name, s.path(p.arch), s.value) for s in sites_mod.in_forward_order(values)]
     rows, cols = p.inputs.rows.to(p.device), p.inputs.cols.to(p.device)
     blocks = p.blocks
-    attn_path, coef_path = p.arch.attn_module, p.arch.coef_module
     with p.trace(keep=torch.tensor([0])):
         for i in range(n_layers):
-            states.append(models.get_module(blocks[i], attn_path).output[rows, cols].save())
-            coefs.append(models.get_module(blocks[i], coef_path).input[rows, cols].save())
-    return coefs, states
+            for name, path, value in where:
+                values[name].append(getattr(models.get_module(blocks[i], path), value)[rows, cols].save())
+    return values
 
 
 def _row(layer, quantity, vanilla_tensors, diff_tensors) -> dict:
@@ -49,17 +45,18 @@ def change(vanilla, unlearned, tok, prompt_ids, answer_ids, remote=False):
     arch = check_pair(vanilla, unlearned)
     n_layers = models.n_layers(vanilla)
     inputs = batch_mod.scoring_inputs(prompt_ids, answer_ids, tok, "answer", "padded")
+    sites = list(sites_mod.SITES.values())
     rows = []
     with torch.no_grad():
         v_lm = wrap(vanilla, tok)
         u_lm = v_lm if unlearned is vanilla else wrap(unlearned, tok)
-        v_coef, v_attn = _answer_activations(_Pass(vanilla, v_lm, arch, inputs, remote), n_layers)
-        u_coef, u_attn = _answer_activations(_Pass(unlearned, u_lm, arch, inputs, remote), n_layers)
+        v_act = _answer_activations(Pass(vanilla, v_lm, arch, inputs, remote), n_layers, sites)
+        u_act = _answer_activations(Pass(unlearned, u_lm, arch, inputs, remote), n_layers, sites)
         v_params, u_params = dict(vanilla.named_parameters()), dict(unlearned.named_parameters())
         for i in range(n_layers):
-            rows.append(_row(i, "coef", [v_coef[i]], [u_coef[i] - v_coef[i]]))
-            rows.append(_row(i, "attn", [v_attn[i]], [u_attn[i] - v_attn[i]]))
-            for q in ("value", "key", "mlp", "layer"):
-                names = experiments_mod.parameter_names(vanilla, arch, experiments_mod.EXPERIMENTS[q], [i])
-                rows.append(_row(i, q, [v_params[n] for n in names], [u_params[n] - v_params[n] for n in names]))
+            for s in sites:
+                rows.append(_row(i, s.name, [v_act[s.name][i]], [u_act[s.name][i] - v_act[s.name][i]]))
+            for q in experiments_mod.PARAMETER_SETS.values():
+                names = q.names(vanilla, arch, [i])
+                rows.append(_row(i, q.name, [v_params[n] for n in names], [u_params[n] - v_params[n] for n in names]))
     return pd.DataFrame.from_records(rows, columns=CHANGE_COLUMNS)

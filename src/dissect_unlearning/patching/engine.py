@@ -15,8 +15,9 @@ benchmarks/paper_baseline.py), with the same numbers (benchmarks/bench_patching.
    the unpatched target's own outputs: bit-identical, and on average ~40% of the layers are never run.
 3. A patched module's output no longer depends on its input: with the attention state patched, the attention
    module returns the source's state; with the coefficients patched, the MLP returns target_down_proj(source
-   coefficients). One extra pass of the target with every layer patched records those outputs, and the window runs
-   skip the attention / MLP modules with them instead of computing them and then overwriting the result.
+   coefficients) (sites.Site.replay_parent). One extra pass of the target per site, with every layer patched,
+   records those outputs, and the window runs skip the attention / MLP modules with them instead of computing them
+   and then overwriting the result.
 4. Logits are computed for the scored positions only (the model's `logits_to_keep`), and scored against the
    reference with reused buffers (score.Reference).
 5. The questions are packed (batch.py): their shared prompt prefix is computed once and no padding is computed.
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import models
-from . import batch as batch_mod, experiments as experiments_mod, score, windows as windows_mod
+from . import batch as batch_mod, experiments as experiments_mod, score, sites as sites_mod, windows as windows_mod
 from .restore import restored_parameters
 
 DIRECTIONS = ("forward", "reverse")
@@ -90,13 +91,8 @@ def wrap(model, tok):
         return LanguageModel(model, tokenizer=tok)
 
 
-def _attention_module(arch: models.Architecture) -> str:
-    """The attention module (the parent of its output projection), relative to a decoder layer."""
-    return arch.attn_module.rsplit(".", 1)[0]
-
-
 @dataclass
-class _Pass:
+class Pass:
     """What the engine needs to know to run one model's traces."""
 
     model: torch.nn.Module  # the HF model
@@ -134,27 +130,26 @@ def _supports_logits_to_keep(model) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The traces. Bodies touch modules in forward order (attention output projection, attention module, MLP output
-# projection, MLP, layer) and only use tensors, envoys and builtins, so they also run under remote="local"/True.
+# The traces. Bodies touch modules in forward order (the sites of a layer in sites.in_forward_order, each site's
+# replayed module after it, then the next layer) and only use tensors, envoys, strings and builtins, so they also run
+# under remote="local"/True: sites are resolved to module paths before a trace starts.
 # ----------------------------------------------------------------------------------------------------------------------
-def _read_source(p: _Pass, layers: list[int], coef: bool, attn: bool):
-    """The source: logits at the scored positions, and per layer its coefficients and attention states."""
-    coefs, states = {}, {}
+def _read_source(p: Pass, layers: list[int], sites: list[sites_mod.Site]):
+    """The source: logits at the scored positions, and {site name: {layer: value}} for the given layers."""
+    values = {s.name: {} for s in sites}
+    where = [(s.name, s.path(p.arch), s.value) for s in sites]
     scored = p.scored()
-    coef_path, attn_path = p.arch.coef_module, p.arch.attn_module
     blocks = p.blocks
     with p.trace():
         for i in layers:
-            if attn:
-                states[i] = models.get_module(blocks[i], attn_path).output.save()
-            if coef:
-                coefs[i] = models.get_module(blocks[i], coef_path).input.save()
+            for name, path, value in where:
+                values[name][i] = getattr(models.get_module(blocks[i], path), value).save()
         logits = p.lm.output.logits
         logits = (logits.flatten(0, 1) if scored is None else logits[scored]).save()
-    return logits, coefs, states
+    return logits, values
 
 
-def _read_target(p: _Pass, below: int):
+def _read_target(p: Pass, below: int):
     """The unpatched target: logits at the scored positions, and the outputs of layers 0..below-1 (for skipping)."""
     outputs = {}
     scored = p.scored()
@@ -167,43 +162,39 @@ def _read_target(p: _Pass, below: int):
     return logits, outputs
 
 
-def _patched_module_outputs(p: _Pass, coefs: dict, states: dict):
-    """Outputs of the target's MLP / attention modules when their coefficients / states are the source's.
+def _replayed_outputs(p: Pass, site: sites_mod.Site, values: dict):
+    """{layer: output of the module that `site` replays} in the target when the site holds the source's `values`.
 
     They depend only on the patched values (the MLP's output projection is applied to the source's coefficients; the
     attention module returns the patched state), so one pass with every layer patched records them for all windows.
     """
-    mlp_out, attn_out = {}, {}
-    attn_module, attn_path = _attention_module(p.arch), p.arch.attn_module
-    mlp_path, coef_path = p.arch.mlp, p.arch.coef_module
+    out = {}
+    path, value, replayed = site.path(p.arch), site.value, site.replay_path(p.arch)
     blocks = p.blocks
-    last = max(list(coefs) + list(states))
+    last = max(values)
     with p.trace(keep=torch.tensor([0])) as tracer:
-        for i in sorted(set(coefs) | set(states)):
-            if i in states:
-                models.get_module(blocks[i], attn_path).output = states[i]
-                attn_out[i] = models.get_module(blocks[i], attn_module).output.save()
-            if i in coefs:
-                models.get_module(blocks[i], coef_path).input = coefs[i]
-                mlp_out[i] = models.get_module(blocks[i], mlp_path).output.save()
+        for i in sorted(values):
+            setattr(models.get_module(blocks[i], path), value, values[i])
+            out[i] = models.get_module(blocks[i], replayed).output.save()
             if i == last:
                 tracer.stop()  # nothing above is needed
-    return mlp_out, attn_out
+    return out
 
 
-def _patched_logits(p: _Pass, first: int, below: dict, attn_out: dict, mlp_out: dict):
-    """Target logits at the scored positions with layers < first skipped and the given modules replaced."""
+def _patched_logits(p: Pass, first: int, below: dict, replays: list):
+    """Target logits at the scored positions with layers < first skipped and the given modules replaced.
+
+    replays: [(module path inside a layer, {layer: output})], in the forward order of the modules within a layer.
+    """
     scored = p.scored()
-    attn_module, mlp_path = _attention_module(p.arch), p.arch.mlp
     blocks = p.blocks
     with p.trace():
         for i in range(first):
             blocks[i].skip(below[i])
-        for i in sorted(set(attn_out) | set(mlp_out)):
-            if i in attn_out:
-                models.get_module(blocks[i], attn_module).skip(attn_out[i])
-            if i in mlp_out:
-                models.get_module(blocks[i], mlp_path).skip(mlp_out[i])
+        for i in sorted({i for _, outputs in replays for i in outputs}):
+            for path, outputs in replays:
+                if i in outputs:
+                    models.get_module(blocks[i], path).skip(outputs[i])
         logits = p.lm.output.logits
         logits = (logits.flatten(0, 1) if scored is None else logits[scored]).save()
     return logits
@@ -212,7 +203,7 @@ def _patched_logits(p: _Pass, first: int, below: dict, attn_out: dict, mlp_out: 
 # ----------------------------------------------------------------------------------------------------------------------
 # The sweep
 # ----------------------------------------------------------------------------------------------------------------------
-def _packing_agrees(src: _Pass, ref, prompt_ids, answer_ids, tok, alignment, n_check: int = 2) -> bool:
+def _packing_agrees(src: Pass, ref, prompt_ids, answer_ids, tok, alignment, n_check: int = 2) -> bool:
     """Do the packed inputs give the source model the logits the padded ones give? (A model that ignores a custom
     attention mask or position ids would not.) Checked on the last questions, which sit behind the others in a
     packed row; float rounding differs between the layouts (~1e-5), a wrong mask changes logits by whole units."""
@@ -220,7 +211,7 @@ def _packing_agrees(src: _Pass, ref, prompt_ids, answer_ids, tok, alignment, n_c
 
     last = slice(len(prompt_ids) - min(n_check, len(prompt_ids)), len(prompt_ids))
     padded = batch_mod.scoring_inputs(prompt_ids[last], answer_ids[last], tok, alignment, "padded")
-    check, _, _ = _read_source(_Pass(src.model, src.lm, src.arch, padded, src.remote), [], False, False)
+    check, _ = _read_source(Pass(src.model, src.lm, src.arch, padded, src.remote), [], [])
     spans = src.inputs.spans[last]
     mine = ref[spans[0].start:spans[-1].stop]
     gap = float((mine.float() - check.float()).abs().max())
@@ -259,17 +250,21 @@ def _dtypes(dtypes) -> str:
 
 def run(vanilla, unlearned, tok, prompt_ids: list[list[int]], answer_ids: list[list[int]],
         experiments=experiments_mod.PAPER_EXPERIMENTS, window: int = 5, layers=None, alignment: str = "answer",
-        direction: str = "forward", remote=False, progress=False, layout: str = "auto"):
+        direction: str = "forward", remote=False, progress=False, layout: str = "auto", metric=score.mse):
     """Run the experiments over every window for one group of questions; return a DataFrame (ENGINE_COLUMNS).
 
     vanilla, unlearned: loaded HF causal LMs of one architecture (left unchanged afterwards). tok: the vanilla
     tokenizer. prompt_ids / answer_ids: the questions' prompt tokens and the vanilla answers' tokens (pipeline.answers
-    rows). window: size of the centred windows; layers: one explicit window instead (e.g. [-1] = the last layer), or
-    a list of explicit windows ([[27, 28, 29], list(range(30))]).
+    rows). experiments: names in experiments.EXPERIMENTS (a list or a comma-separated string). window: size of the
+    centred windows; layers: one explicit window instead (e.g. [-1] = the last layer), or a list of explicit windows
+    ([[27, 28, 29], list(range(30))]).
     remote: False, True (NDIF) or "local" (nnsight's offline simulation of an NDIF request), passed to every trace.
     layout: "auto" (packed for alignment "answer" in float32, else padded), "packed" or "padded" (see batch.py); a
     packed layout is checked against the padded one on the source model first, and dropped (with a warning) if they
     disagree. question_index in the result is the position in prompt_ids.
+    metric: metric(reference logits, logits) -> float, a distance over one question's scored positions ([positions,
+    vocab] each; 0 = the reference output): the columns loss_patched / loss_unpatched, and
+    KRS = 1 - metric(patched) / metric(unpatched). Default: the paper's loss, the mean squared logit difference.
     """
     import pandas as pd
     from tqdm.auto import tqdm
@@ -277,6 +272,8 @@ def run(vanilla, unlearned, tok, prompt_ids: list[list[int]], answer_ids: list[l
     exps = experiments_mod.get(experiments)
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
+    if not callable(metric):
+        raise TypeError(f"metric must be a callable (reference logits, logits) -> float, got {metric!r}")
     check_remote(remote, exps)
     arch = check_pair(vanilla, unlearned)
     n_layers = models.n_layers(vanilla)
@@ -290,43 +287,47 @@ def run(vanilla, unlearned, tok, prompt_ids: list[list[int]], answer_ids: list[l
         if m.training:
             raise ValueError(f"{type(m).__name__} is in training mode (dropout on): call .eval() first")
     source, target = (vanilla, unlearned) if direction == "forward" else (unlearned, vanilla)
-    src = _Pass(source, wrap(source, tok), arch, inputs, remote)
-    tgt = _Pass(target, src.lm if target is source else wrap(target, tok), arch, inputs, remote)
+    src = Pass(source, wrap(source, tok), arch, inputs, remote)
+    tgt = Pass(target, src.lm if target is source else wrap(target, tok), arch, inputs, remote)
 
-    want_coef = any(e.coef for e in exps)
-    want_attn = any(e.attn for e in exps)
-    patched_layers = sorted({i for w in wins for i in w.layers}) if (want_coef or want_attn) else []
-    steps = 2 + bool(patched_layers) + len(exps) * len(wins)
+    sites = sites_mod.in_forward_order({s for e in exps for s in e.sites})
+    patched_layers = sorted({i for w in wins for i in w.layers}) if sites else []
+    # An experiment that restores parameters as well as patching sites records its replayed outputs again under
+    # the restored parameters (the MLP's replayed output depends on its own weights), so it needs the source values.
+    keep_values = any(e.sites and e.restores_parameters for e in exps)
+    steps = 2 + len(sites) + len(exps) * len(wins)
     bar = tqdm(total=steps, desc=progress if isinstance(progress, str) else "patching", disable=not progress,
                unit="pass")
     records = []
     with torch.no_grad():
-        ref, coefs, states = _read_source(src, patched_layers, want_coef, want_attn)
+        ref, values = _read_source(src, patched_layers, sites)
         if inputs.layout == "packed" and not _packing_agrees(src, ref, prompt_ids, answer_ids, tok, alignment):
             inputs = batch_mod.scoring_inputs(prompt_ids, answer_ids, tok, alignment, "padded")
-            src, tgt = (_Pass(x.model, x.lm, arch, inputs, remote) for x in (src, tgt))
-            ref, coefs, states = _read_source(src, patched_layers, want_coef, want_attn)
+            src, tgt = (Pass(x.model, x.lm, arch, inputs, remote) for x in (src, tgt))
+            ref, values = _read_source(src, patched_layers, sites)
         bar.update()
         unpatched, below = _read_target(tgt, max(w.first for w in wins))
         bar.update()
         reference = score.Reference(ref, inputs.spans)
-        base = reference.per_question(unpatched)
-        mlp_out, attn_out = ({}, {})
-        if patched_layers:
-            mlp_out, attn_out = _patched_module_outputs(tgt, coefs, states)
+        base = reference.per_question(unpatched, metric)
+        replayed = {}
+        for site in sites:
+            replayed[site.name] = _replayed_outputs(tgt, site, values[site.name])
             bar.update()
-        del coefs, states
+        if not keep_values:
+            values = None  # the source's activations of every patched layer: free them
         for exp in exps:
+            exp_sites = [s for s in sites if s.name in exp.sites]
             for w in wins:
                 if exp.restores_parameters:
                     names = experiments_mod.parameter_names(target, arch, exp, w.layers)
                     with restored_parameters(target, source, names):
-                        logits = _patched_logits(tgt, w.first, below, {}, {})
+                        outputs = {s.name: _replayed_outputs(tgt, s, {i: values[s.name][i] for i in w.layers})
+                                   for s in exp_sites}
+                        logits = _patched_logits(tgt, w.first, below, _replays(arch, exp_sites, outputs, w.layers))
                 else:
-                    logits = _patched_logits(tgt, w.first, below,
-                                             {i: attn_out[i] for i in w.layers} if exp.attn else {},
-                                             {i: mlp_out[i] for i in w.layers} if exp.coef else {})
-                for q, (s, b) in enumerate(zip(reference.per_question(logits), base)):
+                    logits = _patched_logits(tgt, w.first, below, _replays(arch, exp_sites, replayed, w.layers))
+                for q, (s, b) in enumerate(zip(reference.per_question(logits, metric), base)):
                     records.append({
                         "experiment": exp.name, "direction": direction, "window_size": None if layers is not None
                         else window, "center_layer": w.center, "layers": list(w.layers), "question_index": q,
@@ -338,3 +339,8 @@ def run(vanilla, unlearned, tok, prompt_ids: list[list[int]], answer_ids: list[l
                 bar.update()
     bar.close()
     return pd.DataFrame.from_records(records, columns=ENGINE_COLUMNS)
+
+
+def _replays(arch, sites, outputs: dict, layers) -> list:
+    """What _patched_logits replays for `sites` (in forward order) in `layers`: [(module path, {layer: output})]."""
+    return [(s.replay_path(arch), {i: outputs[s.name][i] for i in layers}) for s in sites]

@@ -1,6 +1,7 @@
 """The scores: loss, KRS, KL, top-1 agreement, and their aggregation (which positions: see batch.py).
 
-loss(A, B) = mean squared difference of the full-vocabulary logits of A and B over the scored positions.
+loss(A, B) = mean squared difference of the full-vocabulary logits of A and B over the scored positions (`mse`, the
+paper's loss; any metric(reference logits, logits) -> float can take its place: engine.run(metric=...)).
 KRS = 1 - loss(patched, reference) / loss(unpatched, reference): 1 = the patch brings the reference output back
 completely, 0 = no effect, negative = worse. It is NaN when the unpatched model already equals the reference on a
 question (0/0).
@@ -57,8 +58,11 @@ class Reference:
         self._d = torch.empty_like(self.logits)
         self._w = torch.empty_like(self.logits)
 
-    def per_question(self, logits: torch.Tensor) -> list[dict]:
-        """loss, kl, top1_agree of each question for the logits of one run ([scored positions, vocab])."""
+    def per_question(self, logits: torch.Tensor, metric=mse) -> list[dict]:
+        """loss (by `metric`), kl, top1_agree of each question for the logits of one run ([scored positions, vocab]).
+
+        The default metric, mse, is computed here with the other scores; any other is called on each question's
+        reference logits and logits (float32)."""
         x = logits.float()
         agree = (x.max(-1).indices == self.top1).double()
         d = torch.sub(x, self.logits, out=self._d)
@@ -68,13 +72,9 @@ class Reference:
         kl_pos = torch.log1p(growth) - shift
         for i in torch.nonzero(~torch.isfinite(kl_pos)).flatten().tolist():  # a logit difference > 88: exp overflows
             kl_pos[i] = kl(self.logits[i:i + 1], x[i:i + 1])
-        return [{"loss": float(sq[s].mean()), "kl": float(kl_pos[s].mean()), "top1_agree": float(agree[s].mean())}
+        return [{"loss": float(sq[s].mean()) if metric is mse else float(metric(self.logits[s], x[s])),
+                 "kl": float(kl_pos[s].mean()), "top1_agree": float(agree[s].mean())}
                 for s in self.spans]
-
-
-def per_question(reference: torch.Tensor, logits: torch.Tensor, spans: list[slice]) -> list[dict]:
-    """loss, kl, top1_agree of each question (reference and logits: [all scored positions, vocab])."""
-    return Reference(reference, spans).per_question(logits)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,19 @@
-"""Fine-tuning unlearning: one module per loss, one trainer, lossless compact storage of the result.
+"""Fine-tuning unlearning: one module per loss, a registry of methods, one trainer, lossless compact storage.
 
     cfg = UnlearnConfig.for_method("npo", steps=10)
     result = trainer.unlearn(model, tok, forget_concept, retain_concept, cfg, qa=vanilla_answers)
 """
-from . import dpo, grad_ascent, grad_diff, idk_dpo, npo
-from .config import METHOD_DEFAULTS, METHODS, UnlearnConfig
+from . import methods
+from .config import UnlearnConfig, register_method, unregister_method
+from .methods import Method
 
-METHOD_MODULES = {"grad_ascent": grad_ascent, "grad_diff": grad_diff, "npo": npo, "dpo": dpo, "idk_dpo": idk_dpo}
 
-__all__ = ["METHODS", "METHOD_DEFAULTS", "METHOD_MODULES", "UnlearnConfig"]
+def __getattr__(name):
+    # METHODS (the names of the registered methods) follows the registry, so a method registered after import is
+    # listed too.
+    if name == "METHODS":
+        return methods.names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["METHODS", "Method", "UnlearnConfig", "methods", "register_method", "unregister_method"]

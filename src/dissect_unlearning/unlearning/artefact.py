@@ -11,41 +11,38 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
-import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from .. import models
+from .. import cache, models, validate
+from ..state import STATE
 from . import storage, trainer
 from .config import UnlearnConfig
 
 RECORD = "unlearning.json"
-# While keep_loaded() is active: the last unlearned model load() rebuilt, {(folder, runtime): (model, tok)}.
-_KEPT: dict | None = None
-# Bump when a change to the unlearning code changes the weights it produces (part of every cache key).
-UNLEARNING_VERSION = "1"
 
 
 def versions() -> dict:
-    from importlib import metadata
+    """The library versions recorded with an unlearned model."""
+    from ..versions import versions as installed
 
-    out = {"python": platform.python_version()}
-    for dist in ("dissect-unlearning", "torch", "transformers", "tokenizers", "numpy", "zstandard"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+    return installed("tokenizers", "numpy", "zstandard")
 
 
 def build(folder: Path, model_name: str, forget, retain, config: UnlearnConfig, qa=None, retain_qa=None,
           identity: dict | None = None, progress: bool = True) -> dict:
-    """Train and store one unlearned model into `folder`; return its record."""
+    """Train and store one unlearned model into `folder`; return its record.
+
+    With `identity` (the inputs of the run's cache entry) a killed run resumes where its last checkpoint left it;
+    the checkpoint is kept beside the entries, named by the entry's cache key, so that no run with other settings,
+    data, code or libraries can pick it up."""
+    checkpoint = None
+    if identity is not None:
+        checkpoint = cache.cache_root() / "unlearned" / f".resume~{cache.key('unlearned', identity)}"
     model, tok = models.load(model_name)
-    result = trainer.unlearn(model, tok, forget, retain, config, qa=qa, retain_qa=retain_qa, progress=progress)
+    result = trainer.unlearn(model, tok, forget, retain, config, qa=qa, retain_qa=retain_qa, progress=progress,
+                             checkpoint=checkpoint)
     t0 = time.time()
     # The delta is computed on the CPU (storage works on CPU copies), so the vanilla weights it is taken against are
     # loaded there, in the runtime dtype the model was trained in: no second model on the GPU.
@@ -71,6 +68,10 @@ def build(folder: Path, model_name: str, forget, retain, config: UnlearnConfig, 
         "torch_threads": _threads(),
     }
     (Path(folder) / RECORD).write_text(json.dumps(record, indent=1))
+    if checkpoint is not None:
+        # Now rather than once the entry is in place, which happens after this returns: a kill in between costs
+        # a fresh run, never a checkpoint left behind for good.
+        trainer.discard_checkpoint(checkpoint)
     return record
 
 
@@ -121,35 +122,27 @@ class Unlearned:
         """(model, tokenizer) in eval mode: the vanilla model with the stored delta applied, on the runtime device
         (models.set_runtime) and in the dtype the model was trained in (the delta fits that dtype only)."""
         key = (str(self.folder), models.runtime())
-        if _KEPT is not None and key in _KEPT:
-            model, tok = _KEPT[key]
+        kept = STATE.kept  # while keep_loaded() is active: the last model rebuilt, {(folder, runtime): (model, tok)}
+        if kept is not None and key in kept:
+            model, tok = kept[key]
             return copy.deepcopy(model).eval(), tok  # a copy: callers may change it (restoration, relearning)
         dtype = json.loads((self.folder / storage.MANIFEST).read_text())["dtype"]
         model, tok = models.load(self.model, dtype=dtype)
         storage.apply_delta(model, self.folder, verify=verify)
-        if _KEPT is not None:
-            _KEPT.clear()  # one model at a time: a kept model costs its full size in memory
-            _KEPT[key] = (copy.deepcopy(model).eval(), tok)
+        if kept is not None:
+            kept.clear()  # one model at a time: a kept model costs its full size in memory
+            kept[key] = (copy.deepcopy(model).eval(), tok)
         return model.eval(), tok
 
     def export(self, out: str | Path) -> Path:
         """Write a standard Hugging Face checkpoint folder (config, weights, tokenizer) + unlearning.json, atomically."""
         out = Path(out).expanduser().resolve()
-        if out.exists() and any(out.iterdir()):
-            raise ValueError(f"--out {out}: the folder exists and is not empty")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        try:
+        validate.check_output_folder(out, "export", empty=True)
+        with cache.atomic_folder(out) as tmp:
             model, tok = self.load()
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             shutil.copyfile(self.folder / RECORD, tmp / RECORD)
-            if out.exists():
-                out.rmdir()
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return out
 
     def __repr__(self) -> str:
@@ -162,12 +155,11 @@ def keep_loaded():
     """Inside the block, Unlearned.load() rebuilds a model from its delta once and hands out copies of it after
     that (a copy takes ~0.3 s, a rebuild ~7 s for the default model). One model is kept at a time, so work that
     runs every stage of one unlearned model before the next (book.precompute) loads each model once."""
-    global _KEPT
-    outer = _KEPT is not None
+    outer = STATE.kept is not None  # an inner block leaves the outer one's model kept
     if not outer:
-        _KEPT = {}
+        STATE.kept = {}
     try:
         yield
     finally:
         if not outer:
-            _KEPT = None
+            STATE.kept = None

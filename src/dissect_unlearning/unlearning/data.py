@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE = -100  # label of a position that carries no loss (prompt tokens, padding)
+from .. import prompts
+
+IGNORE = prompts.IGNORE  # label of a position that carries no loss (prompt tokens, padding)
 
 
 @dataclass(frozen=True)
@@ -107,10 +109,7 @@ def build(tok, forget, retain, config, qa: QA | None = None, retain_qa: QA | Non
         qa_set = [qa_example(p, a, config.max_length, f"qa:{i}") for i, (_, p, a) in enumerate(qa) if a]
         if not qa_set:
             raise ValueError(f"concept {forget.label!r}: the vanilla model gave no answer tokens to train on")
-    if config.method == "idk_dpo":
-        forget_set = qa_set  # the pairs are (refusal, vanilla answer) to each question
-    else:
-        forget_set += qa_set
+    forget_set += qa_set  # a method with refusals as its chosen side has no text here (config checks it)
 
     retain_chunks = text_chunks(tok, retain.forget_text, config.chunk_tokens)
     if not retain_chunks:
@@ -133,9 +132,13 @@ def build(tok, forget, retain, config, qa: QA | None = None, retain_qa: QA | Non
         n_text += pool is retain_text
 
     chosen = None
-    if config.method == "dpo":
+    # Imported here: the method registry imports the losses, which import this module.
+    from .methods import get as method
+
+    kind = method(config.method).chosen
+    if kind == "retain":
         chosen = retain_set  # ConceptVectors' DPO prefers the unrelated text to the forget text
-    elif config.method == "idk_dpo":
+    elif kind == "refusal":
         refusal = tok(config.refusal, add_special_tokens=False)["input_ids"] + _eos(tok)
         chosen = [qa_example(list(p), refusal, config.max_length, f"idk:{i}")
                   for i, (_, p, a) in enumerate(qa) if a]
@@ -147,13 +150,7 @@ def _eos(tok) -> list[int]:
 
 
 def collate(examples: list[Example], index: list[int], pad_id: int) -> Part:
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for b, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[b, :n] = torch.tensor(e.input_ids)
-        labels[b, :n] = torch.tensor(e.labels)
-        mask[b, :n] = 1
+    """The examples as one right-padded Part: positions are the plain 0..n-1, and padding carries no loss."""
+    ids, mask = prompts.pad([e.input_ids for e in examples], pad_id, "right")
+    labels, _ = prompts.pad([e.labels for e in examples], IGNORE, "right")
     return Part(ids, mask, labels, torch.tensor(index, dtype=torch.long))

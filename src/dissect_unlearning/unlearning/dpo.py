@@ -11,10 +11,6 @@ import torch.nn.functional as F
 
 from .logprobs import Losses, mean_nll, sequence_logprobs
 
-PARTS = ("forget", "chosen")
-REFERENCE = ("forget", "chosen")
-HYPER = ("beta", "retain_weight")
-
 
 def dpo_term(logp_chosen, logp_rejected, ref_chosen, ref_rejected, beta: float):
     margin = (logp_chosen - logp_rejected) - (ref_chosen - ref_rejected)

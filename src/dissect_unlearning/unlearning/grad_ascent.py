@@ -3,10 +3,6 @@ from __future__ import annotations
 
 from .logprobs import Losses, mean_nll, sequence_logprobs
 
-PARTS = ("forget",)  # batch parts the loss reads
-REFERENCE = ()  # parts whose reference (vanilla) log-probs it needs
-HYPER = ()  # UnlearnConfig fields it takes
-
 
 def loss(model, batch, ref=None) -> Losses:
     nll = mean_nll(*sequence_logprobs(model, batch["forget"]))

@@ -3,10 +3,6 @@ from __future__ import annotations
 
 from .logprobs import Losses, mean_nll, sequence_logprobs
 
-PARTS = ("forget", "retain")
-REFERENCE = ()
-HYPER = ("retain_weight",)
-
 
 def loss(model, batch, ref=None, retain_weight: float = 1.5) -> Losses:
     forget = mean_nll(*sequence_logprobs(model, batch["forget"]))

@@ -5,10 +5,6 @@ from __future__ import annotations
 from .dpo import dpo_term
 from .logprobs import Losses, mean_nll, sequence_logprobs
 
-PARTS = ("forget", "chosen", "retain")
-REFERENCE = ("forget", "chosen")
-HYPER = ("beta", "retain_weight")
-
 
 def loss(model, batch, ref, beta: float = 0.1, retain_weight: float = 1.0) -> Losses:
     lp_c, _ = sequence_logprobs(model, batch["chosen"])

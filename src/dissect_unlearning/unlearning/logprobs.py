@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
-from .data import IGNORE, Part
+from .. import prompts
+
+if TYPE_CHECKING:  # data builds batches with the registry's methods, which import the losses, which import this
+    from .data import Part
 
 
 @dataclass
@@ -26,13 +29,8 @@ def sequence_logprobs(model, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of log p(token) over the labelled tokens of each sequence [B], number of labelled tokens [B]), on the
     model's device: batches are collated on the CPU and moved here, the one place every loss reads them."""
     part = part.to(next(model.parameters()).device)
-    logits = model(input_ids=part.input_ids, attention_mask=part.attention_mask).logits
-    # The logits at position t predict token t + 1.
-    logits = logits[:, :-1].float()
-    labels = part.labels[:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE,
-                          reduction="none").view(labels.shape)
-    return -nll.sum(-1), (labels != IGNORE).sum(-1)
+    logp = prompts.token_logprobs(model, part.input_ids, part.attention_mask, part.labels)
+    return logp.sum(-1), (part.labels[:, 1:] != prompts.IGNORE).sum(-1)
 
 
 def mean_nll(logp: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:

@@ -11,10 +11,6 @@ import torch.nn.functional as F
 
 from .logprobs import Losses, mean_nll, sequence_logprobs
 
-PARTS = ("forget", "retain")
-REFERENCE = ("forget",)
-HYPER = ("beta", "retain_weight")
-
 
 def npo_term(logp, ref_logp, beta: float):
     # NLL_theta - NLL_ref = ref_logp - logp

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from .. import prompts
 from . import data as data_mod
 from .logprobs import mean_nll, sequence_logprobs
 
@@ -48,7 +49,7 @@ def relearn(model, tok, train: list, checkpoints, evaluate: Callable[[object, in
         raise ValueError(f"steps must be integers >= 0, got {checkpoints}")
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = prompts.pad_id(tok)
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, foreach=True)
     rows: list[dict] = []
     order: list[int] = []

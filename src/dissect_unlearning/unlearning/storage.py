@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..state import STATE
+
 FORMAT = "dissect-unlearning-delta/1"
 ENCODINGS = ("zigzag", "xor")
 MANIFEST = "delta.json"
@@ -79,21 +81,20 @@ def _exponent_order(v: np.ndarray) -> np.ndarray:
 
 # A chapter loads dozens of unlearned models of one base model, and each load needs the vanilla weights' checksum and
 # exponent order (~4 s of a ~10 s load). They are kept per process for the last base model seen, with a copy of its
-# bit patterns: comparing against the copy is exact and ~10x cheaper than hashing again.
-_VANILLA: dict = {}
-
-
+# bit patterns: comparing against the copy is exact and ~10x cheaper than hashing again. (state.STATE.vanilla holds
+# them, with the process's other state.)
 def _vanilla_order(v: np.ndarray, expected_sha256: str | None) -> np.ndarray:
     """_exponent_order(v), after checking that v hashes to `expected_sha256` (None: no check); remembered."""
-    hit = _VANILLA.get("sha256")
-    if hit is not None and expected_sha256 in (None, hit) and np.array_equal(_VANILLA["bits"], v):
-        return _VANILLA["order"]
+    memo = STATE.vanilla
+    hit = memo.get("sha256")
+    if hit is not None and expected_sha256 in (None, hit) and np.array_equal(memo["bits"], v):
+        return memo["order"]
     digest = sha256(v)
     if expected_sha256 is not None and digest != expected_sha256:
         raise _VanillaMismatch
     order = _exponent_order(v)
-    _VANILLA.clear()
-    _VANILLA.update(sha256=digest, bits=v.copy(), order=order)
+    memo.clear()  # the previous base model's copy goes before the new one is made: one copy in memory at a time
+    memo.update(sha256=digest, bits=v.copy(), order=order)
     return order
 
 
@@ -133,7 +134,7 @@ def save_delta(model, vanilla, folder: Path, *, encoding: str = "zigzag", order:
     manifest = {
         "format": FORMAT, "encoding": encoding, "order": "vanilla-exponent" if order else "none", "dtype": str(dtype).removeprefix("torch."), "byteorder": sys.byteorder,
         "params": shapes, "n_values": int(u.size), "plane_bytes": sizes,
-        "sha256": sha256(u), "vanilla_sha256": _VANILLA["sha256"] if order else sha256(v),
+        "sha256": sha256(u), "vanilla_sha256": STATE.vanilla["sha256"] if order else sha256(v),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest

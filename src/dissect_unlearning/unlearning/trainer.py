@@ -2,20 +2,35 @@
 
 The data set is fixed, so the reference (vanilla) log-probs that NPO and DPO need are computed once, before the
 first step, for exactly the examples the schedule will visit: no second model in memory and no second forward per
-step, which halves their cost on a CPU.
+step, which halves their cost on a CPU. A run given a checkpoint folder saves its whole state every few steps and
+when interrupted, and a killed run started again resumes from it with the weights it would have had anyway.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
+import os
 import random
+import shutil
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from .. import models
-from . import METHOD_MODULES, data as data_mod
+from .. import cache, models, progress as dissect_progress
+from . import data as data_mod, methods
 from .config import UnlearnConfig
+
+
+CHECKPOINT_EVERY = 2  # steps between checkpoints of a run given a checkpoint folder
+CHECKPOINT_FILE = "state.pt"
+# An interrupted run writes a checkpoint of its last complete step only when that is quick: writing one delays the
+# stop, by 5-7 s for the default model (1.6 GB of weights and optimiser state, two workers writing at once). A larger
+# run loses the steps since its last periodic checkpoint instead (at most CHECKPOINT_EVERY - 1).
+INTERRUPT_CHECKPOINT_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -86,21 +101,40 @@ def reference_logprobs(model, data, parts, indices, pad_id: int, batch_size: int
     return out
 
 
-def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, progress: bool = True) -> TrainResult:
-    """Unlearn in place: `model` leaves in eval mode with the unlearned weights."""
+def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, progress: bool = True,
+          checkpoint: Path | None = None) -> TrainResult:
+    """Unlearn in place: `model` leaves in eval mode with the unlearned weights.
+
+    `checkpoint`: a folder for the run's state (trained weights, optimiser, scheduler, RNG, step, loss curve),
+    written atomically every CHECKPOINT_EVERY steps and, for a small state, when the run is interrupted (Ctrl-C,
+    SIGTERM). A run given a folder that holds the state of this very run (same settings, data and trained
+    parameters) resumes from it and ends with the weights an uninterrupted run would have had, bit for bit on a
+    CPU. Its name must be unique to the run (artefact.build keys it by the cache key); the caller removes it once
+    the result is stored.
+    """
     from tqdm.auto import tqdm
 
     t0 = time.time()
     torch.manual_seed(config.seed)
-    method = METHOD_MODULES[config.method]
+    method = methods.get(config.method)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     n_steps = config.n_steps(len(data.forget))
     steps = schedule(len(data.forget), n_steps, config.batch_size, config.seed)
-    ref = reference_logprobs(model, data, method.REFERENCE, {i for s in steps for i in s}, pad_id,
-                             config.batch_size)
-    ref_seconds = time.time() - t0
-
     trained = trainable_parameters(model, config.params)
+    fingerprint = _fingerprint(data, config, n_steps, trained)
+    saved = _load_checkpoint(checkpoint, fingerprint) if checkpoint is not None else None
+    if saved is not None:
+        device = next(model.parameters()).device
+        ref = {part: values.to(device) for part, values in saved["ref"].items()}
+        ref_seconds = saved["reference_seconds"]
+        t0 -= saved["seconds"]  # the curve's and the result's seconds count the time before the interruption too
+    else:
+        if method.reference:
+            dissect_progress.detail("reference log-probs")
+        ref = reference_logprobs(model, data, method.reference, {i for s in steps for i in s}, pad_id,
+                                 config.batch_size)
+        ref_seconds = time.time() - t0
+
     trained_ids = {id(p) for _, p in trained}
     was_grad = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -109,33 +143,84 @@ def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, prog
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
     warm = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / (warm + 1)))
-    hyper = {name: getattr(config, name) for name in method.HYPER}
+    hyper = {name: getattr(config, name) for name in method.settings}
 
     curve: list[dict] = []
+    if saved is not None:
+        _restore(saved, trained, optimiser, scheduler)
+        curve = list(saved["curve"])
+        print(f"[dissect-unlearning] unlearn {data.forget_concept} ({config.method}): resuming at step "
+              f"{saved['step']}/{n_steps} from {checkpoint}", file=sys.stderr, flush=True)
+
+    def save(step: int, rng: dict) -> None:
+        dissect_progress.detail(f"step {step}/{n_steps}, saving a checkpoint")
+        state = {"fingerprint": fingerprint, "step": step, "seconds": time.time() - t0, "curve": curve, "rng": rng,
+                 "ref": ref, "reference_seconds": ref_seconds, "params": {n: p.detach() for n, p in trained},
+                 "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict()}
+        # Without the zip's CRC: torch.load never checks it, and it costs about a second per GB, which a stop
+        # waits for. The atomic folder is flushed to disk before it takes the checkpoint's name.
+        crc = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(False)
+        try:
+            with cache.atomic_folder(checkpoint) as tmp:
+                torch.save(state, tmp / CHECKPOINT_FILE)
+        finally:
+            torch.serialization.set_crc32_options(crc)
+
+    # `done`: the steps whose update is complete. Model, optimiser, scheduler, curve and `rng` (the RNG state
+    # then) all describe the run after step `done`, except while `updating`: an interruption then leaves no state
+    # worth saving, and the last checkpoint stands.
+    done = saved["step"] if saved is not None else 0
+    saved_step = done
+    rng = _rng_state()
+    updating = False
+    # A backward pass is one long call into C++, during which Python runs no signal handler: Ctrl-C or SIGTERM
+    # would wait for its end, many seconds on a CPU. A hook on each trained parameter is Python code that runs as
+    # its gradient is ready, so an interruption is raised within about a layer's time. The hooks change nothing.
+    hooks = [p.register_hook(_let_signals_in) for p in params]
     model.train()
-    bar = tqdm(steps, desc=f"unlearn {data.forget_concept} ({config.method})", disable=not progress, unit="step")
+    bar = tqdm(steps[done:], desc=f"unlearn {data.forget_concept} ({config.method})", disable=not progress,
+               unit="step", initial=done, total=n_steps)
     try:
-        for step, index in enumerate(bar, start=1):
-            batch = make_batch(data, method.PARTS, index, pad_id)
-            batch_ref = {part: ref[part][index] for part in ref}
-            lr = optimiser.param_groups[0]["lr"]
-            losses = method.loss(model, batch, batch_ref, **hyper)
-            if not torch.isfinite(losses.loss):
-                raise FloatingPointError(f"{config.method}: the loss became {losses.loss.item()} at step {step}; "
-                                         f"lower lr (now {config.lr})")
-            optimiser.zero_grad(set_to_none=True)
-            losses.loss.backward()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
-                         if config.max_grad_norm else math.nan)
-            optimiser.step()
-            scheduler.step()
-            row = {"step": step, "loss": losses.loss.item(), "forget_loss": _item(losses.forget_nll),
-                   "retain_loss": _item(losses.retain_nll), "lr": lr, "grad_norm": grad_norm,
-                   "seconds": time.time() - t0}
-            curve.append(row)
-            bar.set_postfix(forget=f"{row['forget_loss']:.2f}", retain=f"{row['retain_loss']:.2f}",
-                            loss=f"{row['loss']:.2f}")
+        with dissect_progress.stop_on_signals():
+            try:
+                for step, index in enumerate(bar, start=done + 1):
+                    dissect_progress.detail(f"step {step}/{n_steps}")
+                    batch = make_batch(data, method.parts, index, pad_id)
+                    batch_ref = {part: ref[part][index] for part in ref}
+                    lr = optimiser.param_groups[0]["lr"]
+                    losses = method.loss(model, batch, batch_ref, **hyper)
+                    if not torch.isfinite(losses.loss):
+                        raise FloatingPointError(f"{config.method}: the loss became {losses.loss.item()} at step "
+                                                 f"{step}; lower lr (now {config.lr})")
+                    optimiser.zero_grad(set_to_none=True)
+                    losses.loss.backward()
+                    grad_norm = (torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
+                                 if config.max_grad_norm else math.nan)
+                    updating = True
+                    optimiser.step()
+                    scheduler.step()
+                    row = {"step": step, "loss": losses.loss.item(), "forget_loss": _item(losses.forget_nll),
+                           "retain_loss": _item(losses.retain_nll), "lr": lr, "grad_norm": grad_norm,
+                           "seconds": time.time() - t0}
+                    curve.append(row)
+                    rng = _rng_state()
+                    done = step
+                    updating = False
+                    bar.set_postfix(forget=f"{row['forget_loss']:.2f}", retain=f"{row['retain_loss']:.2f}",
+                                    loss=f"{row['loss']:.2f}")
+                    if checkpoint is not None and step % CHECKPOINT_EVERY == 0 and step < n_steps:
+                        save(step, rng)
+                        saved_step = step
+            except KeyboardInterrupt:
+                state_bytes = 3 * sum(p.numel() * p.element_size() for p in params)  # weights + two AdamW moments
+                if (checkpoint is not None and not updating and done > saved_step
+                        and state_bytes <= INTERRUPT_CHECKPOINT_BYTES):
+                    save(done, rng)
+                raise
     finally:
+        for hook in hooks:
+            hook.remove()
         bar.close()
         model.zero_grad(set_to_none=True)
         del optimiser
@@ -146,13 +231,73 @@ def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, prog
                        data.forget_concept, data.retain_concept, ref_seconds)
 
 
-def unlearn(model, tok, forget, retain, config: UnlearnConfig, qa=None, retain_qa=None, progress: bool = True
-            ) -> TrainResult:
+def discard_checkpoint(checkpoint: Path) -> None:
+    """Remove a run's checkpoint folder (once what it led to is stored), out of sight first: a folder half
+    removed is never mistaken for a checkpoint."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        return
+    aside = checkpoint.with_name(f"{cache.TEMP_PREFIX}{checkpoint.name}~{cache.HOST}~{os.getpid()}~done")
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(checkpoint, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fingerprint(data: data_mod.UnlearningData, config: UnlearnConfig, n_steps: int, trained) -> str:
+    """What a checkpoint must match to be resumed: the settings, the examples and the trained parameters."""
+    parts = {part: [[list(e.input_ids), list(e.labels)] for e in (getattr(data, part) or [])]
+             for part in ("forget", "retain", "chosen")}
+    described = {"settings": config.to_dict(), "n_steps": n_steps, "data": parts,
+                 "parameters": [[n, list(p.shape), str(p.dtype)] for n, p in trained],
+                 "torch": torch.__version__}
+    return hashlib.sha256(cache.canonical_json(described).encode()).hexdigest()
+
+
+def _load_checkpoint(checkpoint: Path, fingerprint: str) -> dict | None:
+    path = Path(checkpoint) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - an unreadable checkpoint costs a fresh start, nothing more
+        print(f"[dissect-unlearning] note: ignoring the unreadable checkpoint {checkpoint} ({exc})",
+              file=sys.stderr, flush=True)
+        return None
+    if state.get("fingerprint") != fingerprint:
+        print(f"[dissect-unlearning] note: ignoring the checkpoint {checkpoint}: it is of another run",
+              file=sys.stderr, flush=True)
+        return None
+    return state
+
+
+def _restore(state: dict, trained, optimiser, scheduler) -> None:
+    with torch.no_grad():
+        for name, p in trained:
+            p.copy_(state["params"][name])
+    optimiser.load_state_dict(state["optimiser"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+
+def _let_signals_in(grad):
+    return None
+
+
+def _rng_state() -> dict:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def unlearn(model, tok, forget, retain, config: UnlearnConfig, qa=None, retain_qa=None, progress: bool = True,
+            checkpoint: Path | None = None) -> TrainResult:
     """Build the data of (forget concept, retain concept) and train `model` on it in place.
 
     qa / retain_qa: [(question, prompt_ids, answer_ids)] of the forget / retain concept, answered by the vanilla
-    model (see data.build)."""
-    return train(model, tok, data_mod.build(tok, forget, retain, config, qa, retain_qa), config, progress)
+    model (see data.build). checkpoint: see train()."""
+    return train(model, tok, data_mod.build(tok, forget, retain, config, qa, retain_qa), config, progress,
+                 checkpoint)
 
 
 def _item(x) -> float:

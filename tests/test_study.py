@@ -1,0 +1,163 @@
+"""The study object: its pairs and scopes, plan mode, and the smoke profile's chapter tables held to a fixture."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dissect_unlearning import book, patching, pipeline
+from dissect_unlearning import Study
+from dissect_unlearning.study import planning
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "data" / "smoke_tables.json"
+
+
+def smoke_params(chapter: str) -> dict:
+    return book.resolve_parameters(book.find_chapter(chapter, ROOT), book.load_profile("smoke", ROOT))
+
+
+def test_pairs_scopes_and_the_second_family():
+    study = Study.from_params({"concepts": ["Harry Potter", "Austria"], "methods": ["grad_diff", "npo"],
+                               "beyond_concepts": ["Austria"], "second_model": "gemma3-270m",
+                               "second_methods": ["dpo"], "unrelated_name": "ignored"})
+    assert study.pairs() == [("Harry Potter", "grad_diff"), ("Harry Potter", "npo"), ("Austria", "grad_diff"),
+                             ("Austria", "npo")]
+    assert study.pairs("beyond") == [("Austria", "grad_diff"), ("Austria", "npo")]
+    second = study.second_family()
+    assert second.model == "gemma3-270m" and second.pairs() == [("Harry Potter", "dpo"), ("Austria", "dpo")]
+    assert second.second_family() is None
+    with pytest.raises(ValueError, match="unknown scope 'some'; valid: all, beyond"):
+        study.pairs("some")
+
+
+def test_plan_mode_records_requests_and_returns_empty_tables_with_the_real_columns():
+    with planning() as recorded:
+        study = Study.from_params({"concepts": ["Harry Potter"], "methods": ["grad_diff", "dpo"], "layers": [-1]})
+        sweep = study.sweeps(["coef", "attn"])
+        again = study.sweeps(["coef", "attn"])  # asked twice: one request
+        scores = study.behaviour()
+        answers = study.answers()
+    assert sweep.empty and list(sweep.columns) == patching.SWEEP_COLUMNS + ["method", "seed"]
+    assert again.empty and scores.empty and answers.empty
+    assert list(answers.columns) == pipeline.ANSWER_COLUMNS
+    assert [(r.stage, r.concept, r.method) for r in recorded] == [
+        ("sweep", "Harry Potter", "grad_diff"), ("sweep", "Harry Potter", "dpo"),
+        ("behaviour", "Harry Potter", "grad_diff"), ("behaviour", "Harry Potter", "dpo"),
+        ("answers", None, None)]
+    kw = recorded[0].kwargs
+    assert kw == {"experiments": ["coef", "attn"], "window": 5, "layers": [-1], "alignment": "answer",
+                  "remote": False, "kind": "target", "direction": "forward"}
+    # outside the block the same study code computes (no recorder is left behind)
+    assert Study.from_params({}).plan is None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The smoke profile's chapter tables: the same numbers whatever the refactoring (tests/data/smoke_tables.json)
+# ------------------------------------------------------------------------------------------------------------------
+def smoke_tables() -> dict[str, pd.DataFrame]:
+    """Every table the chapters compute on the smoke profile, by the chapters' own study calls."""
+    ch = {n: Study.from_params(smoke_params(n), progress=False) for n in
+          ("model_organism", "surface", "patching", "restoration", "last_layer", "side_effects", "beyond")}
+    trio = ["coef", "attn", "coef+attn"]
+    return {
+        "ch2_answers": ch["model_organism"].answers(),
+        "ch3_behaviour": ch["surface"].behaviour(),
+        "ch3_loss_curve": ch["surface"].training(),
+        "ch4_sweep": ch["patching"].sweeps(trio),
+        "ch5_value": ch["restoration"].sweeps(["value"]),
+        "ch5_extra": ch["restoration"].sweeps(["key", "mlp", "layer"], "beyond"),
+        "ch6_last": ch["last_layer"].sweeps(["coef"], layers=[-1]),
+        "ch6_change": ch["last_layer"].coef_change(),
+        "ch7_unrelated": ch["side_effects"].sweeps(["coef"], layers=[-1], kind="unrelated"),
+        "ch7_target": ch["side_effects"].sweeps(["coef"], layers=[-1], kind="target"),
+        "ch8_reverse": ch["beyond"].sweeps(trio, "beyond", direction="reverse"),
+        "ch8_relearn": ch["beyond"].relearn("beyond"),
+    }
+
+
+def _plain(v):
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v.tolist()]
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    if isinstance(v, (float, np.floating)):
+        return None if math.isnan(float(v)) else float(v)
+    return v
+
+
+# Columns left out of the fixture: where and when a table was made, not what it measured.
+UNCOMPARED = {"seconds", "train_seconds", "settings", "versions", "unlearned_identity", "package_version",
+              "torch_version", "transformers_version", "nnsight_version", "vanilla_model", "unlearned_model", "remote",
+              "seed"}
+
+
+def write_fixture() -> None:
+    """Regenerate tests/data/smoke_tables.json, for a change meant to change the numbers."""
+    out = {}
+    for name, df in smoke_tables().items():
+        cols = [c for c in df.columns if c not in UNCOMPARED]
+        out[name] = {"columns": cols, "rows": [[_plain(v) for v in row] for row in df[cols].itertuples(index=False)]}
+    FIXTURE.write_text(json.dumps(out, separators=(",", ":")) + "\n")
+    sizes = ", ".join(f"{k} {len(v['rows'])} rows" for k, v in out.items())
+    print(f"wrote {FIXTURE}: {sizes}")
+
+
+def _same(a, b, tol: float) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and abs(a - b) <= tol
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y, tol) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.book
+def test_smoke_chapter_tables_equal_the_fixture_within_1e_6():
+    expected = json.loads(FIXTURE.read_text())
+    tables = smoke_tables()
+    assert set(tables) == set(expected)
+    digest = hashlib.sha256()
+    for name, want in expected.items():
+        got = tables[name]
+        missing = [c for c in want["columns"] if c not in got.columns]
+        assert not missing, f"{name}: columns {missing} are gone"
+        rows = [[_plain(v) for v in row] for row in got[want["columns"]].itertuples(index=False)]
+        assert len(rows) == len(want["rows"]), f"{name}: {len(rows)} rows, the fixture has {len(want['rows'])}"
+        for i, (g, w) in enumerate(zip(rows, want["rows"])):
+            bad = [c for c, x, y in zip(want["columns"], g, w) if not _same(x, y, 1e-6)]
+            assert not bad, f"{name} row {i}: {bad} differ: {[g[want['columns'].index(c)] for c in bad]} " \
+                            f"vs {[w[want['columns'].index(c)] for c in bad]}"
+        digest.update(json.dumps(rows, default=str).encode())
+    print(f"smoke chapter tables: {len(tables)} tables equal the fixture; sha256 {digest.hexdigest()[:16]}")
+
+
+def test_chapters_are_thin_a_study_a_few_calls_a_chart_a_verdict():
+    # the logic lives in the package where it is tested: a chapter reaches nothing below the study
+    for ch in book.chapters(ROOT):
+        nb = json.loads(ch.path.read_text())
+        code = ["".join(c["source"]) for c in nb["cells"]
+                if c["cell_type"] == "code" and "parameters" not in c["metadata"].get("tags", [])]
+        lines = [line for src in code for line in src.splitlines() if line.strip()]
+        assert len(lines) <= 30, f"{ch.stem}: {len(lines)} lines of code besides the parameters"
+        text = "\n".join(lines)
+        for deeper in ("pipeline", "patching", "unlearning", "models", "concepts", "precompute"):
+            assert not re.search(rf"\b{deeper}\.\w+\(", text), f"{ch.stem} calls {deeper} directly: use the study"
+        assert "for c in" not in text and "for m in" not in text, f"{ch.stem} loops over concepts or methods"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python tests/test_study.py --write   (recompute the smoke tables into the fixture)")
+    write_fixture()
