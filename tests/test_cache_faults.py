@@ -234,3 +234,17 @@ def test_legacy_temporary_folders_are_pruned_only_when_their_lock_is_free():
         assert cache.prune() == []  # its writer may be running: it would hold the lock
     [removed] = cache.prune()
     assert removed.path == legacy and not legacy.exists()
+
+
+def test_prune_removes_the_training_checkpoint_of_a_finished_run_and_keeps_a_resumable_one():
+    root = cache.cache_root()
+    done = cache.get_or_build("unlearned", {"run": "finished"}, lambda f: (f / "w").write_text("1"))
+    finished = done.parent / f"{cache.RESUME_PREFIX}{done.name}"
+    resumable = done.parent / f"{cache.RESUME_PREFIX}{'0' * 24}"
+    for folder in (finished, resumable):
+        folder.mkdir()
+        (folder / "state.pt").write_bytes(b"x" * 100)
+    removed = cache.prune("unlearned")
+    assert [r.path for r in removed if "checkpoint" in r.what] == [finished]
+    assert not finished.exists() and resumable.is_dir() and done.is_dir()
+    assert root in finished.parents

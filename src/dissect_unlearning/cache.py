@@ -687,4 +687,37 @@ def prune(kind: str | None = None) -> list[Removed]:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
         removed.append(Removed(path, f"lock record of {holder}, which died holding it", 0))
+    removed += _prune_resume_checkpoints(kind)
+    return removed
+
+
+RESUME_PREFIX = ".resume~"  # <kind>/.resume~<key>/: the last checkpoint of an interrupted training run
+RESUME_MAX_AGE = 7 * 24 * 3600
+
+
+def _prune_resume_checkpoints(kind: str | None) -> list[Removed]:
+    """Training checkpoints (about 1.6 GB for the default model) of runs whose entry is now in place, or that no
+    run has touched for a week (the code or settings that would resume them have most likely changed): a checkpoint
+    of a run that is still training (its lock is held) stays."""
+    import fcntl
+
+    root = cache_root()
+    removed = []
+    for folder in sorted(root.glob(f"{kind or '*'}/{RESUME_PREFIX}*")):
+        key = folder.name[len(RESUME_PREFIX):]
+        done = (folder.parent / key).is_dir()
+        old = time.time() - folder.stat().st_mtime > RESUME_MAX_AGE
+        if not (done or old):
+            continue
+        fd = _try_lock(folder.parent / f"{key}.lock")
+        if fd is None:
+            continue  # training right now
+        try:
+            size = folder_size(folder)
+            _remove(folder)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        why = "its run finished" if done else "untouched for a week"
+        removed.append(Removed(folder, f"training checkpoint ({why})", size))
     return removed

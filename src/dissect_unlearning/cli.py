@@ -396,6 +396,11 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt as exc:
+        from .progress import Stopped, stop_reason
+
+        print(f"dissect-unlearning: stopped by {stop_reason(exc)}", file=sys.stderr)
+        return 128 + (exc.signum if isinstance(exc, Stopped) else 2)
     except (ModelError, ConceptDataError, CacheError, ValueError, KeyError) as exc:
         print(f"dissect-unlearning: error: {validate.one_line(exc)}", file=sys.stderr)
         return 2

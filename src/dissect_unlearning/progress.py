@@ -149,8 +149,11 @@ def _worker_main(wid: int, parent_pid: int, inbox, outbox) -> None:
     global _TO_PARENT
     die_with_parent(parent_pid)
     signal.signal(signal.SIGTERM, _raise_stopped)
-    # A terminal's Ctrl-C goes to the whole process group; the parent gets it too, and stops the workers in order.
+    # A terminal's Ctrl-C (and hang-up) goes to the whole process group; the parent gets it too, and stops the
+    # workers in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _TO_PARENT = outbox
     try:
         while True:
@@ -188,7 +191,6 @@ class Job:
 @dataclass
 class Outcome:
     job: Job
-    started: bool = False
     result: object = None
     error: BaseException | None = None
     details: str | None = None  # the worker's traceback of `error`
@@ -240,6 +242,8 @@ def clock(seconds: float) -> str:
 
 
 def _about(seconds: float) -> str:
+    if seconds < 60:
+        return "under 1 min"
     if seconds < 90:
         return "about 1 min"
     if seconds < 5400:
@@ -308,7 +312,8 @@ class _Board:
             log.parent.mkdir(parents=True, exist_ok=True)
             self.log = open(log, "w", encoding="utf-8", buffering=1)  # noqa: SIM115 - closed in close()
 
-    def _log(self, text: str) -> None:
+    def note(self, text: str) -> None:
+        """A line for the log only, with the time."""
         if self.log is not None:
             stamp = time.strftime("%H:%M:%S")
             for line in text.splitlines():
@@ -322,7 +327,7 @@ class _Board:
 
     def say(self, text: str, err: bool = False) -> None:
         """A line for the terminal (stdout, or stderr with `err`) and the log."""
-        self._log(text)
+        self.note(text)
         if self.verbose:
             self._clear()
             print(f"{PREFIX} {text}" if not err else text, file=sys.stderr if err else sys.stdout, flush=True)
@@ -373,7 +378,7 @@ class _Board:
         if final or now >= self.next_block:
             summary, lines = self.status(outcomes, workers, jobs_at_once)
             block = "\n".join([summary, *(f"  {line}" for line in lines)])
-            self._log(block)
+            self.note(block)
             if self.verbose and not self.tty and not final:
                 print("\n".join(f"{PREFIX} {line}" for line in block.splitlines()), flush=True)
             self.next_block = now + STATUS_EVERY
@@ -404,7 +409,7 @@ class _Run:
         inbox_recv, inbox_send = self.ctx.Pipe(duplex=False)
         outbox_recv, outbox_send = self.ctx.Pipe(duplex=False)
         process = self.ctx.Process(target=_worker_main, args=(self.next_wid, os.getpid(), inbox_recv, outbox_send),
-                                   name=f"dissect-unlearning worker {self.next_wid}", daemon=True)
+                                   name=f"dissect-unlearning worker {self.next_wid}")
         # Started with SIGINT ignored, which the new process inherits: a Ctrl-C while it imports would otherwise end
         # it with a traceback before its own handlers are in place.
         main = threading.current_thread() is threading.main_thread()
@@ -419,7 +424,7 @@ class _Run:
         w = _Worker(self.next_wid, process, inbox_send, outbox_recv)
         self.next_wid += 1
         self.workers.append(w)
-        self.board._log(f"worker {w.wid}: pid {process.pid}")
+        self.board.note(f"worker {w.wid}: pid {process.pid}")
         return w
 
     def _dispatch(self, w: _Worker) -> None:
@@ -436,8 +441,7 @@ class _Run:
         self.todo.pop(0)
         # "starting" until the worker says it has begun: a new worker first imports what the job needs
         w.job, w.started, w.stage, w.detail, w.done = index, time.monotonic(), "starting", "", 0.0
-        self.outcomes[index].started = True
-        self.board._log(f"worker {w.wid}: started {job.label}")
+        self.board.note(f"worker {w.wid}: started {job.label}")
 
     def _finish(self, w: _Worker, result=None, error=None, details=None) -> None:
         index = w.job
@@ -462,7 +466,7 @@ class _Run:
         elif kind == "stage":
             w.stage, w.detail = message[1], ""
             if w.job is not None:
-                self.board._log(f"worker {w.wid}: {self.jobs[w.job].label}: {w.stage}")
+                self.board.note(f"worker {w.wid}: {self.jobs[w.job].label}: {w.stage}")
             if message[2] is not None:
                 w.done = float(message[2])
         elif kind == "detail":
@@ -602,7 +606,7 @@ def run_jobs(jobs: list[Job], workers: int, *, name: str, log: Path | None = Non
     for SIGTERM / SIGHUP) once the workers are gone.
     """
     board = _Board(name, jobs, log, verbose)
-    board._log(f"{name}: {len(jobs)} job(s), {min(workers, len(jobs))} at a time, parent pid {os.getpid()}")
+    board.note(f"{name}: {len(jobs)} job(s), {min(workers, len(jobs))} at a time, parent pid {os.getpid()}")
     run = _Run(jobs, max(1, workers), board, on_result, stop_on_error)
     try:
         with stop_on_signals():

@@ -173,12 +173,9 @@ def _kernels_stopped():
         yield
     except KeyboardInterrupt:
         for pid in set(progress.descendants(os.getpid())) - before:
-            try:
-                if b"ipykernel" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    continue
-                os.kill(pid, signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                continue  # gone meanwhile
+            with contextlib.suppress(OSError):  # gone meanwhile
+                if b"ipykernel" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGKILL)
         raise
 
 
