@@ -360,26 +360,17 @@ def child(run_dir: Path) -> int:
         artefact.Unlearned.load = load
 
     if sw.get("grad_checkpoint"):
-        train = trainer.train
+        def checkpointed(fn):
+            def run(model, *a, **k):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                try:
+                    return fn(model, *a, **k)
+                finally:
+                    model.gradient_checkpointing_disable()
+            return run
 
-        def train_ckpt(model, *a, **k):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            try:
-                return train(model, *a, **k)
-            finally:
-                model.gradient_checkpointing_disable()
-
-        trainer.train = train_ckpt
-        relearn_fn = relearn_mod.relearn
-
-        def relearn_ckpt(model, *a, **k):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            try:
-                return relearn_fn(model, *a, **k)
-            finally:
-                model.gradient_checkpointing_disable()
-
-        relearn_mod.relearn = relearn_ckpt
+        trainer.train = checkpointed(trainer.train)
+        relearn_mod.relearn = checkpointed(relearn_mod.relearn)
     if sw.get("chunked_logprobs"):
         prompts.token_logprobs = _chunked_token_logprobs(prompts.token_logprobs)
     libc = _libc() if sw.get("trim") else None
