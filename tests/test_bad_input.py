@@ -259,8 +259,8 @@ def test_remote_without_a_key_fails_when_the_study_is_built(monkeypatch):
 
     monkeypatch.delenv("NDIF_API_KEY", raising=False)
     monkeypatch.setattr(CONFIG.API, "APIKEY", None)
-    with pytest.raises(patching.RemoteUnavailableError, match="NDIF_API_KEY"):
-        Study.from_params({"remote": True})
+    with pytest.raises(patching.RemoteLocalModelError, match="vanilla model with itself"):
+        Study.from_params({"remote": True})  # refused before the key is even looked for
     assert Study.from_params({"remote": "local"}).params["remote"] == "local"
     with pytest.raises(ValueError, match="remote must be False, True"):
         Study.from_params({"remote": "ndif"})

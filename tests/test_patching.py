@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dissect_unlearning import cli, concepts, models, patching, pipeline, prompts
-from dissect_unlearning.patching import batch as batch_mod, engine
+from dissect_unlearning.patching import batch as batch_mod, change as change_mod, engine
 
 QUESTIONS = ["who wrote harry potter?", "what is the capital of france?", "where is vienna?",
              "who is the brother of mario in the red and green?"]
@@ -399,7 +399,7 @@ def no_ndif_key(monkeypatch):
 
 def test_remote_without_an_api_key_fails_before_any_work(no_ndif_key, capsys):
     with pytest.raises(patching.RemoteUnavailableError, match="NDIF_API_KEY"):
-        patching.run(None, None, None, [], [], ["coef"], remote=True)  # no model is touched
+        patching.check_remote(True, patching.experiments.get(["coef"]))
     with pytest.raises(patching.RemoteUnavailableError, match="NDIF_API_KEY"):
         pipeline.sweep("no-such-model", "no-such-checkpoint", concepts="no-such-file.json", experiments=["attn"],
                        remote=True)
@@ -410,6 +410,33 @@ def test_remote_without_an_api_key_fails_before_any_work(no_ndif_key, capsys):
         patching.check_remote(True, patching.experiments.get(["value"]))
     with pytest.raises(ValueError, match="remote must be False, True"):
         patching.check_remote("ndif")
+
+
+def test_remote_true_with_a_model_made_here_is_refused_before_any_work(no_ndif_key, tiny_llama, monkeypatch):
+    """NDIF names a model by its name_or_path, which an unlearned model shares with its vanilla model: remote=True
+    would run the hosted vanilla weights as the 'unlearned' model, so it is refused, whatever the key."""
+    import copy
+
+    model, tok = tiny_llama
+    p, a = qa(tok, n=1)
+    changed = copy.deepcopy(model)
+    for fn in (lambda: patching.run(model, changed, tok, p, a, ["coef"], remote=True),
+               lambda: change_mod.change(model, changed, tok, p, a, remote=True)):
+        with pytest.raises(patching.RemoteLocalModelError, match="vanilla model with itself"):
+            fn()
+    monkeypatch.setenv("NDIF_API_KEY", "not-a-real-key")  # a key changes nothing
+    loads = []
+    monkeypatch.setattr(pipeline.models, "load", lambda *a, **k: loads.append(a) or (model, tok))
+    for unlearned in ("smollm2-135m", str(Path(__file__).parent), (changed, tok)):
+        with pytest.raises(patching.RemoteLocalModelError, match="remote='local'"):
+            pipeline.sweep("no-such-hub/model", unlearned, concepts="no-such-file.json", experiments=["coef"],
+                           remote=True, progress=False) if not isinstance(unlearned, tuple) else \
+                pipeline.coef_change("no-such-hub/model", unlearned, concepts="no-such-file.json", remote=True,
+                                     progress=False)
+    assert loads == []  # nothing loaded, nothing computed
+    # remote='local' and False are unaffected: the pair check lets them through
+    patching.check_remote_pair(model, changed, "local")
+    patching.check_remote_pair(model, changed, False)
 
 
 def test_bad_arguments_are_named(tiny_llama):

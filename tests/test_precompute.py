@@ -1,6 +1,7 @@
 """The precompute stage: the tasks derived from the chapters' own study cells run in plan mode."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -70,7 +71,8 @@ def test_parameter_overrides_reach_the_tasks_and_remote_chapters_are_left_alone(
     (t,) = [t for t in todo if t.concept]
     assert {kw.get("window") for kw in stages(t, "sweep") if kw["layers"] is None} == {3}
     assert stages(t, "relearn")  # beyond_concepts None: every chosen concept
-    assert precompute.tasks(plan(overrides={"remote": True}, only={4, 5, 6, 7})) == []
+    with pytest.raises(book.BookError, match="vanilla model with itself"):  # refused before any planning
+        plan(overrides={"remote": True}, only={4, 5, 6, 7})
 
 
 def test_a_failing_stage_is_reported_not_raised(monkeypatch):
@@ -123,3 +125,33 @@ def test_a_changed_notebook_call_changes_the_plan_without_touching_the_package(t
     assert new and {r.stage for r in new} == {"sweep"}
     assert all(r.kwargs["experiments"] == ["value"] and r.kwargs["layers"] == [-1] for r in new)
     assert len(new) == len(params["concepts"]) * len(params["methods"])
+
+
+def test_training_stages_run_first_one_task_at_a_time_then_the_rest(monkeypatch):
+    """Memory: the first phase holds one training run at a time (every core); the second runs the other stages
+    of the same tasks `jobs` at a time. Together they are exactly the tasks' requests."""
+    todo = precompute.tasks(plan())
+    calls = []
+    monkeypatch.setattr(precompute, "run_tasks", lambda ts, jobs, *a, **k: calls.append((ts, jobs, k)) or [])
+    precompute.run(plan(), jobs=2, verbose=False)
+    (training, one, kw1), (rest, two, kw2) = calls
+    assert one == 1 and kw1.get("phase") == "training" and two == 2
+    assert all(set(t.stages) <= set(precompute.TRAINING_STAGES) for t in training)
+    assert not any(set(t.stages) & set(precompute.TRAINING_STAGES) for t in rest)
+    by_model = {}
+    for t in training + rest:
+        by_model.setdefault((t.model, t.concept, t.method), []).extend(t.requests)
+    assert {k: sorted(map(repr, v)) for k, v in by_model.items()} == \
+        {(t.model, t.concept, t.method): sorted(map(repr, t.requests)) for t in todo}
+    hp = [t for t in training if (t.concept, t.method) == ("Harry Potter", "dpo")][0]
+    assert hp.stages == ["unlearned", "relearn", "relearn"]  # the relearning runs train too
+
+
+def test_each_task_runs_in_a_process_of_its_own():
+    from dissect_unlearning import progress
+
+    jobs = [progress.Job(f"job {i}", os.getpid, ()) for i in range(3)]
+    pids = [o.result for o in progress.run_jobs(jobs, 1, name="test", verbose=False, fresh=True)]
+    assert len(set(pids)) == 3 and os.getpid() not in pids
+    reused = [o.result for o in progress.run_jobs(jobs, 1, name="test", verbose=False)]
+    assert len(set(reused)) == 1

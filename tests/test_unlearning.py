@@ -360,6 +360,27 @@ def test_keep_loaded_rebuilds_once_and_hands_out_independent_copies(tiny_checkpo
     assert rebuilds == [1, 1]  # outside the block nothing is kept
 
 
+def test_a_model_trained_inside_keep_loaded_is_kept_and_equals_its_rebuild(tiny_checkpoint, concept_file,
+                                                                           monkeypatch):
+    """The stages after training start from the trained model itself (no rebuild), which is bit for bit the model
+    its stored delta rebuilds; shared=True hands out the kept model itself, a plain load a copy."""
+    from dissect_unlearning.unlearning import artefact
+
+    rebuilds = []
+    real = storage.apply_delta
+    monkeypatch.setattr(storage, "apply_delta", lambda *a, **k: rebuilds.append(1) or real(*a, **k))
+    with artefact.keep_loaded():
+        u = pipeline.unlearned(tiny_checkpoint, concept_file, "Star Wars", "grad_diff", progress=False, **FAST)
+        kept, _ = u.load(shared=True)
+        again, _ = u.load(shared=True)
+        copy_, _ = u.load()
+        assert rebuilds == [] and kept is again and copy_ is not kept and not kept.training
+    rebuilt, _ = u.load()
+    assert rebuilds == [1]
+    assert all(torch.equal(a, b) for a, b in zip(kept.parameters(), rebuilt.parameters()))
+    assert all(a.requires_grad for a in kept.parameters())
+
+
 def test_an_interrupted_run_leaves_no_entry(tiny_checkpoint, concept_file, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -478,3 +499,77 @@ def test_cli_behaviour_writes_the_table_and_bad_settings_name_the_parameter(tiny
     assert "lr must be" in capsys.readouterr().err
     assert cli.main(["unlearn", "--concept", "Atlantis", *args]) == 2
     assert "Atlantis" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------- memory savers
+def test_recomputed_activations_train_the_same_weights_bit_for_bit(monkeypatch):
+    """Gradient checkpointing saves memory only: a run with it and a run without end with identical weights."""
+    import contextlib
+
+    with_it, _, r1 = trained(seed=0, steps=3)
+    monkeypatch.setattr(trainer, "recomputed_activations", lambda model: contextlib.nullcontext())
+    without, _, r2 = trained(seed=0, steps=3)
+    assert all(torch.equal(x, y) for x, y in zip(with_it.parameters(), without.parameters()))
+    assert [r["loss"] for r in r1.loss_curve] == [r["loss"] for r in r2.loss_curve]
+    assert not with_it.is_activation_checkpointing and with_it.config.use_cache  # switched back off afterwards
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_chunked_log_probs_equal_the_plain_ones_and_their_gradients_agree(monkeypatch, family):
+    """Above the logit budget the LM head runs a few positions at a time: the same log-probs, gradients equal up
+    to float rounding (gemma2: the final logit soft-capping is applied in the chunks too)."""
+    import transformers as T
+
+    from dissect_unlearning import prompts
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8)
+    model = (T.LlamaForCausalLM(T.LlamaConfig(**common)) if family == "llama" else
+             T.Gemma2ForCausalLM(T.Gemma2Config(**common, final_logit_softcapping=3.0)))
+    ids = torch.randint(0, 97, (3, 11))
+    mask = torch.ones_like(ids)
+    mask[2, 8:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100
+
+    def run():
+        model.zero_grad()
+        logp = prompts.token_logprobs(model, ids, mask, labels)
+        (logp.sum()).backward()
+        return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain, plain_grads = run()
+    monkeypatch.setattr(prompts, "LOGIT_BUDGET", 4 * 3 * 97 * 4)  # 4 positions a piece: 3 pieces
+    chunked, chunked_grads = run()
+    assert torch.allclose(chunked, plain, atol=1e-6, rtol=0) and (chunked[labels[:, 1:] == -100] == 0).all()
+    for n in plain_grads:
+        assert torch.allclose(chunked_grads[n], plain_grads[n], atol=1e-6, rtol=1e-5), n
+    with torch.no_grad():  # the reference log-probs of NPO / DPO take the same path without a graph
+        assert torch.allclose(prompts.token_logprobs(model, ids, mask, labels), plain, atol=1e-6, rtol=0)
+
+
+def test_unrelated_relearning_text_gives_away_none_of_the_answers():
+    """The 'unrelated' text is checked for the target's answers: one that names them is passed over, and what the
+    chosen one shares is reported."""
+    from dissect_unlearning.unlearning import relearn as relearn_mod
+
+    recs = records()
+    recs[1]["wikipedia_content"] += " a fan of harry potter lives in paris . "  # Paris' text names the answer
+    cset = concepts.parse(recs, "test")
+    hp = cset.get("Harry Potter")
+    paris, mario = cset.get("Paris"), cset.get("Super Mario")
+    assert relearn_mod.leaks(hp, paris.forget_text)["leaked"] == [0, 1]
+    clean = relearn_mod.leaks(hp, mario.forget_text)
+    assert clean["leaked"] == [] and 0 <= clean["overlap"] < 1
+    chosen, leak = relearn_mod.unrelated_concept(hp, [paris, mario])
+    assert chosen is mario and leak == clean
+    chosen, leak = relearn_mod.unrelated_concept(hp, [paris])  # none clean: the least leaky, reported
+    assert chosen is paris and len(leak["leaked"]) == 2
+    with pytest.raises(ValueError, match="neither forgotten nor retained"):
+        relearn_mod.unrelated_concept(hp, [])
+    # without accepted answers, the vanilla answers' words are compared (no phrase match)
+    hp_plain = concepts.parse([{k: v for k, v in r.items() if k != "QA_answers"} for r in records()[:1]],
+                              "t").get("Harry Potter")
+    # answer words of three letters or more: was, rowling, wizard; the text has one of them
+    assert relearn_mod.leaks(hp_plain, "rowling wrote it", ["It was Rowling.", "A wizard"])["overlap"] == 1 / 3

@@ -356,11 +356,13 @@ def _parse_answers(value, n_questions: int):
 
 def answer_matches(answer_text: str, accepted: list[str]) -> bool:
     """Does a generated answer contain one of the accepted answers? Case-, punctuation- and space-insensitive."""
-    norm = _normalise(answer_text)
-    return any(_normalise(a) in norm for a in accepted)
+    norm = normalise(answer_text)
+    return any(normalise(a) in norm for a in accepted)
 
 
-def _normalise(s: str) -> str:
+def normalise(s: str) -> str:
+    """Lower case ASCII words separated by single spaces, with a space at each end (so that ' x ' finds whole
+    words): the form answers are compared in."""
     import re
     import unicodedata
 

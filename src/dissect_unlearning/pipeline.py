@@ -4,6 +4,8 @@ Notebooks call this module (plus `plots` and `verdicts`) and nothing deeper.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 
 import pandas as pd
@@ -101,14 +103,20 @@ def unlearned(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: st
         "settings": config.to_dict(),
     }
 
+    trained: list = []
+
     def build(folder: Path) -> None:
         qa = {}
         if config.forget_qa or config.retain_qa:  # the vanilla model's own answers are the forget / retain answers
             qa = vanilla_qa(model, [target, retain], config.prompt_format, config.max_new_tokens, progress)
         artefact.build(folder, model, target, retain, config, qa=qa.get(target.label),
-                       retain_qa=qa.get(retain.label), identity=inputs, progress=progress)
+                       retain_qa=qa.get(retain.label), identity=inputs, progress=progress,
+                       trained=trained if artefact.keeping() else None)
 
-    return artefact.Unlearned(cache.get_or_build("unlearned", inputs, build))
+    folder = cache.get_or_build("unlearned", inputs, build)
+    if trained:  # just trained here, inside keep_loaded(): the stages after this one start from it
+        artefact.keep(folder, *trained[0])
+    return artefact.Unlearned(folder)
 
 
 def vanilla_qa(model: str, concept_list, prompt_format: str, max_new_tokens: int = 30, progress: bool = False
@@ -194,7 +202,7 @@ def behaviour(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None
                 return scores(*vanilla_model[0], c, heldout, generate=False)
 
             def unlearned_scores(u=u, c=c, heldout=heldout):
-                m, tok = u.load()
+                m, tok = u.load(shared=True)  # generation and perplexity leave it as it is
                 return scores(m, tok, c, heldout, generate=True)
 
             for stage, table in (("vanilla", cached({**common, **place, "stage": "vanilla"}, vanilla_scores)),
@@ -240,6 +248,7 @@ def sweep(vanilla: str = models.DEFAULT_MODEL, unlearned=None, concepts="builtin
 
     chosen = patching.PAPER_EXPERIMENTS if experiments is None else experiments  # None: the paper's four
     exps = [e.name for e in patching.experiments.get(chosen)]
+    _refuse_local(unlearned, remote)
     patching.check_remote(remote, patching.experiments.get(exps))  # before any work
     if isinstance(vanilla, str):  # the layer count from the config: a window must fit the model it slides over
         n_layers = models.n_layers_of(vanilla)
@@ -321,6 +330,7 @@ def _pair_table(kind_name: str, compute, vanilla, unlearned, concepts, concept, 
         raise ValueError(f"questions must be a positive integer (use the first N questions), got {questions!r}")
     if not isinstance(vanilla, str):
         raise ValueError(f"vanilla must be a model name or checkpoint folder (str), got {type(vanilla).__name__}")
+    _refuse_local(unlearned, remote)
     handle = _unlearned_handle(unlearned)
     cset = concepts if isinstance(concepts, concepts_mod.ConceptSet) else load_concepts(concepts)
     if concept is None:
@@ -369,6 +379,23 @@ def _pair_table(kind_name: str, compute, vanilla, unlearned, concepts, concept, 
     return table, {"rows": rows, "texts": texts, "concept": c}
 
 
+def _refuse_local(unlearned, remote) -> None:
+    """remote=True with an unlearned model of this machine (not a hub id NDIF may host): refused before any work."""
+    if remote is not True:
+        return
+    if isinstance(unlearned, (str, Path)):
+        name = str(unlearned)
+        # A hub id NDIF may host under that very name; a registry name or a folder is a model of this machine
+        if not Path(name).expanduser().exists() and name not in models.REGISTRY:
+            return
+        what = name
+    else:
+        what = "made here (a handle or a loaded model)"
+    from . import patching
+
+    patching.refuse_local_model(remote, f"the unlearned model {what}")
+
+
 def _ids(column) -> list[list[int]]:
     """Token id lists from a parquet column (numpy arrays) as plain Python ints."""
     return [[int(t) for t in x] for x in column]
@@ -388,8 +415,12 @@ def _unlearned_handle(unlearned) -> dict:
         return {"label": f"{label} (in memory)", "identity": None, "load": lambda: (model.eval(), tok)}
     if callable(getattr(unlearned, "load", None)) and callable(getattr(unlearned, "identity", None)):
         parts = [str(getattr(unlearned, a)) for a in ("model", "concept", "method") if getattr(unlearned, a, None)]
+        # Patching and the change measure restore whatever they change (patching.restore): the kept model, uncopied
+        load = unlearned.load
+        if "shared" in inspect.signature(load).parameters:
+            load = functools.partial(load, shared=True)
         return {"label": "/".join(parts) or type(unlearned).__name__, "identity": unlearned.identity(),
-                "load": unlearned.load}
+                "load": load}
     raise ValueError(f"unlearned: expected a model name or checkpoint folder, a handle with .load() and "
                      f".identity(), or a (model, tokenizer) tuple; got {type(unlearned).__name__}")
 
@@ -402,7 +433,10 @@ def _versions() -> dict:
             "transformers_version": v["transformers"], "nnsight_version": v["nnsight"]}
 
 
-RELEARN_COLUMNS = ["model", "concept", "method", "data", "step", "split", "metric", "value", "n", "settings"]
+# text_concept: whose text the 'unrelated' relearning trained on; leaked_answers: how many of the target's questions
+# that text answers (0 unless no candidate was clean); answer_overlap: the share of the answers' words in it.
+RELEARN_COLUMNS = ["model", "concept", "method", "data", "step", "split", "metric", "value", "n", "settings",
+                   "text_concept", "leaked_answers", "answer_overlap"]
 
 
 def relearn(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: str | int = 0, method: str = "grad_diff",
@@ -410,7 +444,9 @@ def relearn(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: str 
             prompt_format: str = "auto", settings: dict | None = None, progress: bool = True) -> pd.DataFrame:
     """Target-question scores of an unlearned model after k steps of plain fine-tuning on other data (cached).
 
-    data='unrelated': the text of a concept neither forgotten nor retained; scored on all target questions.
+    data='unrelated': the text of a concept neither forgotten nor retained, which gives away none of the target's
+    answers (unlearning.relearn.leaks; the columns text_concept, leaked_answers, answer_overlap say which text and
+    what it shares); scored on all target questions.
     data='partial': the first half of the target questions with vanilla answers; scored on the other half.
     One row per (step, metric in {rougeL (vs vanilla answer), accuracy (vs expected, where known)}); step 0 = the
     unlearned model itself. `settings` (a dict) choose the unlearned model, as in `unlearned`; lr and batch_size
@@ -433,12 +469,12 @@ def relearn(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: str 
     u = unlearned(model, cset, target.label, method, progress=progress, **{"prompt_format": fmt, **(settings or {})})
     retain = cset.get(u.retain_concept)
     others = [c for c in cset if c.name not in (target.name, retain.name)]
-    if data == "unrelated" and not others:
-        raise ValueError("relearning data 'unrelated' needs a concept that is neither forgotten nor retained")
-    other = others[0] if others else None
     van = answers(model, concepts_mod.ConceptSet([target], cset.source), prompt_format=fmt,
                   max_new_tokens=u.config.max_new_tokens, include_unrelated=False, progress=progress)
     van = van[van.kind == "target"].sort_values("question_index")
+    other, leak = None, None
+    if data == "unrelated":  # a text that gives away none of the target's answers (see relearn_mod.leaks)
+        other, leak = relearn_mod.unrelated_concept(target, others, list(van.answer_text))
     qa = [(q, list(p), list(a)) for q, p, a in zip(van.question, van.prompt_ids, van.answer_ids)]
     inputs = {"unlearned": u.identity(), "data": data, "steps": sorted(set(int(k) for k in steps)), "lr": lr,
               "batch_size": batch_size, "other": other.content_hash() if other else None}
@@ -464,5 +500,7 @@ def relearn(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: str 
 
     df = pd.read_parquet(cache.get_or_build("relearn", inputs, build) / "relearn.parquet")
     df = df.assign(model=model, concept=target.label, method=u.label, data=data,
-                   settings=cache.canonical_json(u.settings))
+                   settings=cache.canonical_json(u.settings), text_concept=other.label if other else None,
+                   leaked_answers=len(leak["leaked"]) if leak else None,
+                   answer_overlap=leak["overlap"] if leak else float("nan"))
     return df[RELEARN_COLUMNS]

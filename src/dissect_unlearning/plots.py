@@ -8,6 +8,11 @@ static SVG beside the page for print and for readers without JavaScript.
 Colours and labels of methods and experiments come from their registries (unlearning.methods,
 patching.experiments), so "DPO" is the same red in every chapter; a name outside them (a chapter's derived series,
 e.g. "last layer only") keeps its name as label and gets a spare colour.
+
+Every chart that shows a mean also shows its 95% interval (a band around a line, a bar on a point or a bar chart),
+computed here with uncertainty.py, not in the browser: a bootstrap over (method, concept) pairs and their questions,
+or over concepts where a table has no question level. The drop-downs that pick one method or concept pick among
+precomputed means and intervals, so each choice shows the interval of what it shows.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from pathlib import Path
 import altair as alt
 import pandas as pd
 
+from . import uncertainty
 from .patching import experiments as experiments_mod, sites as sites_mod
 from .tables import require_columns
 from .unlearning import methods as methods_mod
@@ -113,6 +119,72 @@ def _dropdown(field: str, values, label: str, all_label: str):
     )
 
 
+ALL = "(all)"  # the precomputed rows of "every method / every concept (mean)" in a chart's table
+BAND_OPACITY = 0.18
+
+
+def _picks(df: pd.DataFrame, fields) -> list[dict]:
+    """Every combination a chart's drop-downs can pick: for each field with several values, ALL or one value."""
+    combos = [{}]
+    for field in fields:
+        values = list(dict.fromkeys(df[field]))
+        options = [ALL] + values if len(values) > 1 else [ALL]
+        combos = [{**c, field: v} for c in combos for v in options]
+    return combos
+
+
+def _with_intervals(df: pd.DataFrame, value: str, by, fields, pairs, question) -> pd.DataFrame:
+    """Mean of `value` per `by` with its 95% interval, for every drop-down choice of `fields`: the columns
+    pick_<field> (ALL or a value) say which rows a choice shows."""
+    parts = []
+    for combo in _picks(df, fields):
+        sub = df
+        for field, v in combo.items():
+            if v != ALL:
+                sub = sub[sub[field] == v]
+        if sub.empty:
+            continue
+        each = "experiment" if "experiment" in by else None
+        out = uncertainty.mean_by(sub, value, by, pairs, question, each=each)
+        parts.append(out.assign(**{f"pick_{f}": v for f, v in combo.items()}))
+    # Four decimals are more than a chart shows, and keep the page's embedded table small.
+    return pd.concat(parts, ignore_index=True).round({"mean": 4, "lo": 4, "hi": 4})
+
+
+def _pickers(df: pd.DataFrame, fields: dict) -> tuple[list, list]:
+    """Drop-downs for the fields of `fields` ({field: (label, all_label)}) that have several values, and the
+    filters that show the rows of each choice (null: the mean over all, the rows marked ALL)."""
+    params, filters = [], []
+    for field, (label, all_label) in fields.items():
+        values = [v for v in dict.fromkeys(df[f"pick_{field}"]) if v != ALL]
+        if values:
+            params.append(_dropdown(field, values, label, all_label))
+            filters.append(f"datum.pick_{field} == (pick_{field} == null ? '{ALL}' : pick_{field})")
+    return params, filters
+
+
+def _filtered(chart, filters):
+    for f in filters:
+        chart = chart.transform_filter(f)
+    return chart
+
+
+def _interval_encoding(x, y_title: str, color: alt.Color, **more) -> dict:
+    """Encodings of an interval layer (band or bars): lo to hi, in the line's colour. Layered after the lines, so
+    that the shared legend takes its symbols from the lines, not from a faint band."""
+    return {"x": x, "y": alt.Y("lo:Q", title=y_title), "y2": "hi:Q", "color": color, **more}
+
+
+def _interval_title(title: str, over: str, shown: str = "Band") -> alt.TitleParams:
+    """The chart's title, and a subtitle that says what its interval is: '<shown>: 95% interval, <over>.'"""
+    return alt.TitleParams(text=title, subtitle=[f"{shown}: 95% interval, {over}."])
+
+
+INTERVAL_TOOLTIPS = [alt.Tooltip("lo:Q", title="95% interval from", format=".3f"),
+                     alt.Tooltip("hi:Q", title="95% interval to", format=".3f"),
+                     alt.Tooltip("interval:N", title="95% interval")]
+
+
 def _window_text(layers) -> str:
     layers = [int(x) for x in layers]
     return f"{min(layers)}-{max(layers)}" if len(layers) > 1 else str(layers[0])
@@ -122,7 +194,8 @@ def _window_text(layers) -> str:
 # Chapter 2: what the vanilla model knows
 # --------------------------------------------------------------------------------------------------------------------
 def accuracy_by_concept(answers: pd.DataFrame) -> alt.Chart:
-    """Bar per concept: share of its target questions whose greedy answer contains an expected answer.
+    """Bar per concept: share of its target questions whose greedy answer contains an expected answer, with its 95%
+    interval (a bootstrap over the concept's questions).
 
     `answers`: pipeline.answers() table (columns concept, kind, correct). Rows without expected answers are skipped.
     """
@@ -130,17 +203,35 @@ def accuracy_by_concept(answers: pd.DataFrame) -> alt.Chart:
     target = answers[(answers["kind"] == "target") & answers["correct"].notna()]
     if target.empty:
         raise ValueError("accuracy_by_concept: no target question has expected answers (concept field QA_answers)")
-    acc = (target.assign(correct=target["correct"].astype(bool))
-           .groupby("concept", sort=False)["correct"].agg(correct="sum", questions="count").reset_index())
-    acc["accuracy"] = acc["correct"] / acc["questions"]
-    return alt.Chart(acc, title="What the vanilla model knows: accuracy per concept").mark_bar().encode(
+    target = target.assign(correct=target["correct"].astype(bool).astype(float))
+    if "question_index" not in target.columns:
+        target = target.assign(question_index=target.groupby("concept").cumcount())
+    # One concept per bar: its questions are resampled within it (strata), never mixed with another's.
+    rep = uncertainty.replicate_means(target.assign(q=target["concept"].astype(str) + "/"
+                                                    + target["question_index"].astype(str)),
+                                      "correct", ["concept"], (), "q", strata="concept")
+    lo, hi = rep.interval()
+    acc = rep.keys.assign(accuracy=rep.estimate, lo=lo, hi=hi)
+    counts = target.groupby("concept")["correct"].agg(correct="sum", questions="count")
+    acc = acc.join(counts, on="concept")
+    acc["interval"] = "bootstrap over the concept's questions"
+    title = _interval_title("What the vanilla model knows: accuracy per concept",
+                            "bootstrap over each concept's questions", "Bars")
+    base = alt.Chart(acc, title=title)
+    bars = base.mark_bar().encode(
         x=alt.X("accuracy:Q", title="share of target questions answered with an expected answer",
                 scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%")),
-        y=alt.Y("concept:N", title=None, sort="-x"),
+        y=alt.Y("concept:N", title=None, sort=alt.EncodingSortField("accuracy", order="descending")),
         color=alt.value(VANILLA_COLOUR),
         tooltip=[alt.Tooltip("concept:N"), alt.Tooltip("accuracy:Q", format=".0%"),
-                 alt.Tooltip("correct:Q", title="answered"), alt.Tooltip("questions:Q")],
-    ).properties(width=440, height=alt.Step(22))
+                 alt.Tooltip("correct:Q", title="answered"), alt.Tooltip("questions:Q"),
+                 alt.Tooltip("lo:Q", title="95% interval from", format=".0%"),
+                 alt.Tooltip("hi:Q", title="95% interval to", format=".0%")],
+    )
+    whiskers = base.mark_errorbar(ticks={"size": 8}, color="black").encode(
+        x=alt.X("lo:Q", title="share of target questions answered with an expected answer"), x2="hi:Q",
+        y=alt.Y("concept:N", title=None, sort=alt.EncodingSortField("accuracy", order="descending")))
+    return alt.layer(bars, whiskers).properties(width=440, height=alt.Step(22))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -160,7 +251,8 @@ def _per_method_stages(behaviour: pd.DataFrame) -> pd.DataFrame:
 
 def behaviour_before_after(behaviour: pd.DataFrame, splits=("target", "unrelated"), metrics=None,
                            title: str = "Before and after unlearning") -> alt.Chart:
-    """Slope chart: each method's mean score before (vanilla) and after unlearning, one panel per split.
+    """Slope chart: each method's mean score before (vanilla) and after unlearning, one panel per split, with the
+    95% interval of each mean (a bootstrap over concepts: the table has no per-question rows).
 
     `behaviour`: pipeline.behaviour() table (model, concept, method, stage, split, metric, value, n). A drop-down
     picks the metric (and one picks the concept when there are several); the tooltip gives the exact means.
@@ -173,45 +265,39 @@ def behaviour_before_after(behaviour: pd.DataFrame, splits=("target", "unrelated
     if df.empty:
         raise ValueError(f"behaviour_before_after: no rows for splits {list(splits)} and metrics {metrics}")
     df = _per_method_stages(df)
-    # Mean over questions/texts per (concept, method, stage, split, metric); the chart averages concepts.
+    # Mean over questions/texts per (concept, method, stage, split, metric), then over concepts with an interval.
     df = (df.groupby(["concept", "method", "stage", "split", "metric"], sort=False)["value"].mean().reset_index())
+    df = _with_intervals(df, "value", ["method", "stage", "split", "metric"], ["concept"], ("concept",), None)
+    df = df.rename(columns={"pairs": "concepts"})
     df["stage_order"] = (df["stage"] != "vanilla").astype(int)
     df["split_label"] = df["split"].map(lambda s: SPLIT_LABELS.get(s, s))
     df["method_label"] = df["method"].map(method_label)
     metrics_present = list(dict.fromkeys(df["metric"]))
     first = "rougeL" if "rougeL" in metrics_present else metrics_present[0]
-    concepts = list(dict.fromkeys(df["concept"]))
-    base = alt.Chart(df)
-    params = []
+    params, filters = _pickers(df, {"concept": ("concept ", "all concepts (mean)")})
     if len(metrics_present) > 1:
-        params.append(alt.param(name="pick_metric", value=first, bind=alt.binding_select(
+        params.insert(0, alt.param(name="pick_metric", value=first, bind=alt.binding_select(
             options=metrics_present, labels=[METRIC_LABELS.get(m, m) for m in metrics_present], name="metric ")))
-        base = base.transform_filter("datum.metric == pick_metric")
-    if len(concepts) > 1:
-        concept_pick = _dropdown("concept", concepts, "concept ", "all concepts (mean)")
-        base = base.transform_filter("pick_concept == null || datum.concept == pick_concept")
-        params.append(concept_pick)
-    base = base.transform_aggregate(
-        value="mean(value)", concepts="distinct(concept)",
-        groupby=["method", "method_label", "stage", "stage_order", "split", "split_label"],
-    )
+        filters.insert(0, "datum.metric == pick_metric")
     y_title = (METRIC_LABELS.get(metrics_present[0], metrics_present[0]) if len(metrics_present) == 1
                else "mean score (metric chosen below)")
-    enc = dict(
-        x=alt.X("stage:N", title=None, sort=["vanilla", "unlearned"], axis=alt.Axis(labelAngle=0)),
-        y=alt.Y("value:Q", title=y_title),
-        color=alt.Color("method:N", scale=method_scale(df["method"]), title="method",
-                        legend=alt.Legend(labelExpr=_label_expr(method_labels()), orient="bottom", columns=3)),
-        detail="method:N",
+    x = alt.X("stage:N", title=None, sort=["vanilla", "unlearned"], axis=alt.Axis(labelAngle=0))
+    color = alt.Color("method:N", scale=method_scale(df["method"]), title="method",
+                      legend=alt.Legend(labelExpr=_label_expr(method_labels()), orient="bottom", columns=3))
+    # Side by side within a stage, so that the methods' interval bars do not hide each other.
+    offset = alt.XOffset("method:N", scale=alt.Scale(paddingInner=0.4))
+    lines = alt.Chart().mark_line(point=alt.OverlayMarkDef(size=70, filled=True)).encode(
+        x=x, xOffset=offset, y=alt.Y("mean:Q", title=y_title), color=color, detail="method:N",
         tooltip=[alt.Tooltip("method_label:N", title="method"), alt.Tooltip("split_label:N", title="split"),
-                 alt.Tooltip("stage:N"), alt.Tooltip("value:Q", title="mean", format=".3f"),
-                 alt.Tooltip("concepts:Q", title="concepts averaged")],
-    )
-    lines = base.mark_line(point=alt.OverlayMarkDef(size=70, filled=True)).encode(**enc)
-    lines = lines.add_params(*params) if params else lines
-    return lines.properties(width=220, height=260).facet(
+                 alt.Tooltip("stage:N"), alt.Tooltip("mean:Q", title="mean", format=".3f"),
+                 alt.Tooltip("concepts:Q", title="concepts averaged")] + INTERVAL_TOOLTIPS,
+    ).add_params(*params)
+    bars = alt.Chart().mark_errorbar(ticks={"size": 8}, thickness=1.5).encode(
+        **_interval_encoding(x, y_title, color, xOffset=offset, detail="method:N"))
+    layered = _filtered(alt.layer(lines, bars, data=df), filters).properties(width=220, height=260)
+    return layered.facet(
         column=alt.Column("split_label:N", title=None, sort=[SPLIT_LABELS.get(s, s) for s in splits]),
-        title=title,
+        title=_interval_title(title, "bootstrap over concepts (no interval for one concept)", "Bars"),
     ).resolve_scale(y="independent")
 
 
@@ -222,7 +308,8 @@ def _label_expr(labels: dict) -> str:
 
 
 def loss_curves(curves: pd.DataFrame) -> alt.Chart:
-    """Training curves of the unlearning runs: forget and retain loss per step, coloured by method.
+    """Training curves of the unlearning runs: forget and retain loss per step, coloured by method; with several
+    concepts, the mean over concepts with its 95% interval (a bootstrap over concepts) as a band.
 
     `curves`: concatenated Unlearned.loss_curve tables with columns method, concept, step, forget_loss, retain_loss.
     """
@@ -231,24 +318,25 @@ def loss_curves(curves: pd.DataFrame) -> alt.Chart:
     long = curves.melt(id_vars=["method", "concept", "step"], value_vars=["forget_loss", "retain_loss"],
                        var_name="loss", value_name="value").dropna(subset=["value"])
     long["loss"] = long["loss"].map({"forget_loss": "forget set", "retain_loss": "retain set"})
-    long["method_label"] = long["method"].map(method_label)
-    concepts = list(dict.fromkeys(long["concept"]))
-    chart = alt.Chart(long)
-    params = []
-    if len(concepts) > 1:
-        params.append(_dropdown("concept", concepts, "concept ", "all concepts (mean)"))
-        chart = chart.transform_filter("pick_concept == null || datum.concept == pick_concept")
-    chart = chart.transform_aggregate(value="mean(value)", groupby=["method", "method_label", "loss", "step"])
-    chart = chart.mark_line(point=True).encode(
-        x=alt.X("step:Q", title="optimiser step"),
-        y=alt.Y("value:Q", title="loss (nats per token)"),
-        color=alt.Color("method:N", scale=method_scale(long["method"]), title="method",
-                        legend=alt.Legend(labelExpr=_label_expr(method_labels()), orient="bottom", columns=3)),
-        strokeDash=alt.StrokeDash("loss:N", title="data", legend=alt.Legend(orient="bottom")),
+    long = long.groupby(["method", "concept", "loss", "step"], sort=False)["value"].mean().reset_index()
+    df = _with_intervals(long, "value", ["method", "loss", "step"], ["concept"], ("concept",), None)
+    df["method_label"] = df["method"].map(method_label)
+    params, filters = _pickers(df, {"concept": ("concept ", "all concepts (mean)")})
+    color = alt.Color("method:N", scale=method_scale(df["method"]), title="method",
+                      legend=alt.Legend(labelExpr=_label_expr(method_labels()), orient="bottom", columns=3))
+    dash = alt.StrokeDash("loss:N", title="data", legend=alt.Legend(orient="bottom"))
+    x = alt.X("step:Q", title="optimiser step")
+    lines = _filtered(alt.Chart(df), filters).mark_line(point=True).encode(
+        x=x, y=alt.Y("mean:Q", title="loss (nats per token)"), color=color, strokeDash=dash,
         tooltip=[alt.Tooltip("method_label:N", title="method"), alt.Tooltip("loss:N", title="data"),
-                 alt.Tooltip("step:Q"), alt.Tooltip("value:Q", title="loss", format=".3f")],
-    ).properties(width=460, height=240, title="Unlearning runs: loss on the forget and retain data")
-    return chart.add_params(*params) if params else chart
+                 alt.Tooltip("step:Q"), alt.Tooltip("mean:Q", title="loss", format=".3f")] + INTERVAL_TOOLTIPS,
+    )
+    band = _filtered(alt.Chart(df), filters).mark_area(opacity=BAND_OPACITY).encode(
+        **_interval_encoding(x, "loss (nats per token)", color, detail="loss:N"))
+    title = _interval_title("Unlearning runs: loss on the forget and retain data",
+                            "bootstrap over concepts (no interval for one concept)")
+    return alt.layer(lines.add_params(*params) if params else lines, band).properties(
+        width=460, height=240, title=title)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -256,11 +344,12 @@ def loss_curves(curves: pd.DataFrame) -> alt.Chart:
 # --------------------------------------------------------------------------------------------------------------------
 def krs_by_window(sweep: pd.DataFrame, experiments=None, title: str = "Knowledge recovered by patching",
                   y_title: str = "Knowledge Recovery Score (1 = vanilla output restored)") -> alt.Chart:
-    """KRS against the centre layer of the patched window, one line per experiment.
+    """KRS against the centre layer of the patched window, one line per experiment, with its 95% interval as a band.
 
     `sweep`: pipeline.sweep() rows (experiment, center_layer, layers, question_index, krs), concatenated over
     concepts and methods with columns `concept` and `method`. KRS is averaged over the questions of each
-    (method, concept), then - in the browser - over the methods and concepts picked in the drop-downs.
+    (method, concept), then over the methods and concepts picked in the drop-downs; the interval is a bootstrap over
+    those pairs and their questions (over the questions alone when one method and one concept are picked).
     """
     require_columns(sweep, ["experiment", "center_layer", "layers", "krs", "method", "concept"], "krs_by_window",
                     allow_empty=False)
@@ -269,38 +358,42 @@ def krs_by_window(sweep: pd.DataFrame, experiments=None, title: str = "Knowledge
         raise ValueError(f"krs_by_window: no rows for experiments {list(experiments)}; the table has "
                          f"{', '.join(map(str, sweep['experiment'].unique()))}")
     df = df.assign(window=df["layers"].map(_window_text))
-    df = (df.groupby(["method", "concept", "experiment", "center_layer", "window"], sort=False)
-          .agg(krs=("krs", "mean"), questions=("krs", "size")).reset_index())
+    question = "question_index" if "question_index" in df.columns else None
+    df = _with_intervals(df, "krs", ["experiment", "center_layer", "window"], ["method", "concept"],
+                         ("method", "concept"), question)
     df["experiment_label"] = df["experiment"].map(experiment_label)
-    chart = alt.Chart(df)
-    params = []
-    for field, label, all_label in (("method", "method ", "all methods (mean)"),
-                                    ("concept", "concept ", "all concepts (mean)")):
-        values = list(dict.fromkeys(df[field]))
-        if len(values) > 1:
-            params.append(_dropdown(field, values, label, all_label))
-            chart = chart.transform_filter(f"pick_{field} == null || datum.{field} == pick_{field}")
-    chart = chart.transform_aggregate(
-        krs="mean(krs)", pairs="count()", groupby=["experiment", "experiment_label", "center_layer", "window"],
-    )
+    params, filters = _pickers(df, {"method": ("method ", "all methods (mean)"),
+                                    "concept": ("concept ", "all concepts (mean)")})
     order = [e for e in experiment_colours() if e in set(df["experiment"])]
-    chart = chart.mark_line(point=alt.OverlayMarkDef(size=45, filled=True)).encode(
-        x=alt.X("center_layer:Q", title="centre layer of the patched window", axis=alt.Axis(tickMinStep=1)),
-        y=alt.Y("krs:Q", title=y_title),
-        color=alt.Color("experiment:N", scale=experiment_scale(df["experiment"]), sort=order, title="restored",
-                        legend=alt.Legend(labelExpr=_label_expr(experiment_labels()), orient="bottom", columns=3)),
+    color = alt.Color("experiment:N", scale=experiment_scale(df["experiment"]), sort=order, title="restored",
+                      legend=alt.Legend(labelExpr=_label_expr(experiment_labels()), orient="bottom", columns=3))
+    x = alt.X("center_layer:Q", title="centre layer of the patched window", axis=alt.Axis(tickMinStep=1))
+    encoding = dict(
+        x=x, y=alt.Y("mean:Q", title=y_title), color=color,
         tooltip=[alt.Tooltip("experiment_label:N", title="restored"), alt.Tooltip("window:N", title="layers"),
-                 alt.Tooltip("krs:Q", title="mean KRS", format=".3f"),
-                 alt.Tooltip("pairs:Q", title="(method, concept) pairs averaged")],
-    ).properties(width=460, height=280, title=title)
+                 alt.Tooltip("mean:Q", title="mean KRS", format=".3f"),
+                 alt.Tooltip("pairs:Q", title="(method, concept) pairs averaged")] + INTERVAL_TOOLTIPS,
+    )
+    # An experiment with a single window has no line to draw a band around: its interval is a bar.
+    df["single"] = df.groupby("experiment")["center_layer"].transform("nunique") == 1
+    band = alt.Chart(df).mark_area(opacity=BAND_OPACITY).encode(**_interval_encoding(x, y_title, color))
+    bars = alt.Chart(df).transform_filter("datum.single").mark_errorbar(
+        ticks={"size": 8}).encode(**_interval_encoding(x, y_title, color))
+    lines = _filtered(alt.Chart(df).mark_line(point=alt.OverlayMarkDef(size=45, filled=True)).encode(**encoding),
+                      filters)
     zero = alt.Chart(pd.DataFrame({"y": [0.0]})).mark_rule(color="#999", strokeDash=[3, 3]).encode(y="y:Q")
-    layered = alt.layer(chart, zero)
-    return layered.add_params(*params) if params else layered
+    layered = alt.layer(lines.add_params(*params) if params else lines, _filtered(band, filters),
+                        _filtered(bars, filters), zero)
+    title = _interval_title(title, "bootstrap over (method, concept) pairs and questions",
+                            "Band (a bar for a single window)")
+    return layered.properties(width=460, height=280, title=title)
 
 
 def change_by_layer(change: pd.DataFrame, quantities=("coef",), value: str = "rel_change",
                     title: str = "How much unlearning changed each layer") -> alt.Chart:
-    """Per layer, the relative change ||unlearned - vanilla|| / ||vanilla|| of a quantity, one line per method.
+    """Per layer, the relative change ||unlearned - vanilla|| / ||vanilla|| of a quantity, one line per method, with
+    the 95% interval of the mean over concepts as a band (a bootstrap over concepts; the table has no question
+    level).
 
     `change`: pipeline.coef_change() rows (layer, quantity, rel_change, concept) concatenated over methods with a
     `method` column. With several `quantities`, a drop-down picks one.
@@ -311,33 +404,32 @@ def change_by_layer(change: pd.DataFrame, quantities=("coef",), value: str = "re
         raise ValueError(f"change_by_layer: no rows for quantities {list(quantities)}; the table has "
                          f"{', '.join(map(str, change['quantity'].unique()))}")
     df = df.groupby(["method", "concept", "quantity", "layer"], sort=False)[value].mean().reset_index()
+    df = _with_intervals(df, value, ["method", "quantity", "layer"], ["concept"], ("concept",), None)
     df["method_label"] = df["method"].map(method_label)
     df["quantity_label"] = df["quantity"].map(lambda q: quantity_label(q))
-    chart = alt.Chart(df)
-    params = []
+    params, filters = _pickers(df, {"concept": ("concept ", "all concepts (mean)")})
     present = list(dict.fromkeys(df["quantity"]))
     if len(present) > 1:
-        params.append(alt.param(name="pick_quantity", value=present[0], bind=alt.binding_select(
+        params.insert(0, alt.param(name="pick_quantity", value=present[0], bind=alt.binding_select(
             options=present, labels=[quantity_label(q) for q in present], name="quantity ")))
-        chart = chart.transform_filter("datum.quantity == pick_quantity")
-    concepts = list(dict.fromkeys(df["concept"]))
-    if len(concepts) > 1:
-        params.append(_dropdown("concept", concepts, "concept ", "all concepts (mean)"))
-        chart = chart.transform_filter("pick_concept == null || datum.concept == pick_concept")
-    chart = chart.transform_aggregate(v=f"mean({value})",
-                                      groupby=["method", "method_label", "quantity_label", "layer"])
+        filters.insert(0, "datum.quantity == pick_quantity")
     y_title = "relative change ||unlearned - vanilla|| / ||vanilla||"
     if len(present) == 1:
         y_title = f"{quantity_label(present[0])}: relative change"
-    chart = chart.mark_line(point=True).encode(
-        x=alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1)),
-        y=alt.Y("v:Q", title=y_title),
-        color=alt.Color("method:N", scale=method_scale(df["method"]), title="method",
-                        legend=alt.Legend(labelExpr=_label_expr(method_labels()), orient="bottom", columns=3)),
+    color = alt.Color("method:N", scale=method_scale(df["method"]), title="method",
+                      legend=alt.Legend(labelExpr=_label_expr(method_labels()), orient="bottom", columns=3))
+    x = alt.X("layer:Q", title="layer", axis=alt.Axis(tickMinStep=1))
+    lines = _filtered(alt.Chart(df), filters).mark_line(point=True).encode(
+        x=x, y=alt.Y("mean:Q", title=y_title), color=color,
         tooltip=[alt.Tooltip("method_label:N", title="method"), alt.Tooltip("quantity_label:N", title="quantity"),
-                 alt.Tooltip("layer:Q"), alt.Tooltip("v:Q", title="relative change", format=".4f")],
-    ).properties(width=460, height=260, title=title)
-    return chart.add_params(*params) if params else chart
+                 alt.Tooltip("layer:Q"), alt.Tooltip("mean:Q", title="relative change", format=".4f")]
+        + INTERVAL_TOOLTIPS,
+    )
+    band = _filtered(alt.Chart(df), filters).mark_area(opacity=BAND_OPACITY).encode(
+        **_interval_encoding(x, y_title, color))
+    title = _interval_title(title, "bootstrap over concepts (no interval for one concept)")
+    return alt.layer(lines.add_params(*params) if params else lines, band).properties(
+        width=460, height=260, title=title)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -349,7 +441,8 @@ RELEARN_DATA_LABELS = {"unrelated": "text about another concept", "partial": "ha
 def relearning_curves(relearn: pd.DataFrame, metric: str = "rougeL",
                       title: str = "Relearning: target answers after k fine-tuning steps") -> alt.Chart:
     """Target-question score against relearning steps (0 = the unlearned model), one line per method and one panel
-    per kind of relearning data; a drop-down picks a concept (default: the mean over concepts).
+    per kind of relearning data, with the 95% interval of the mean over concepts as a band (a bootstrap over
+    concepts; the table has no question level); a drop-down picks a concept (default: the mean over concepts).
 
     `relearn`: pipeline.relearn() rows (method, concept, data, step, split, metric, value), concatenated.
     """
@@ -359,30 +452,30 @@ def relearning_curves(relearn: pd.DataFrame, metric: str = "rougeL",
     if df.empty:
         raise ValueError(f"relearning_curves: no rows for metric {metric!r}; the table has "
                          f"{', '.join(map(str, relearn['metric'].unique()))}")
-    df = df[["method", "concept", "data", "step", "value"]].copy()
+    df = df.groupby(["method", "concept", "data", "step"], sort=False)["value"].mean().reset_index()
+    df = _with_intervals(df, "value", ["method", "data", "step"], ["concept"], ("concept",), None)
+    df = df.rename(columns={"pairs": "concepts"})
     df["method_label"] = df["method"].map(method_label)
     df["data_label"] = df["data"].map(lambda d: RELEARN_DATA_LABELS.get(d, d))
-    chart = alt.Chart(df)
-    params = []
-    concepts = list(dict.fromkeys(df["concept"]))
-    if len(concepts) > 1:
-        params.append(_dropdown("concept", concepts, "concept ", "all concepts (mean)"))
-        chart = chart.transform_filter("pick_concept == null || datum.concept == pick_concept")
-    chart = chart.transform_aggregate(v="mean(value)", concepts="count()",
-                                      groupby=["method", "method_label", "data_label", "step"])
-    chart = chart.mark_line(point=True).encode(
-        x=alt.X("step:Q", title="relearning steps (0 = unlearned model)", axis=alt.Axis(tickMinStep=1)),
-        y=alt.Y("v:Q", title=f"target questions: {METRIC_LABELS.get(metric, metric)}",
-                scale=alt.Scale(domain=[0, 1] if metric in ("rougeL", "bleu", "accuracy") else alt.Undefined)),
-        color=alt.Color("method:N", scale=method_scale(df["method"]), title="method",
-                        legend=alt.Legend(labelExpr=_label_expr(method_labels()), orient="bottom", columns=3)),
+    params, filters = _pickers(df, {"concept": ("concept ", "all concepts (mean)")})
+    color = alt.Color("method:N", scale=method_scale(df["method"]), title="method",
+                      legend=alt.Legend(labelExpr=_label_expr(method_labels()), orient="bottom", columns=3))
+    x = alt.X("step:Q", title="relearning steps (0 = unlearned model)", axis=alt.Axis(tickMinStep=1))
+    y_scale = alt.Scale(domain=[0, 1] if metric in ("rougeL", "bleu", "accuracy") else alt.Undefined)
+    lines = alt.Chart().mark_line(point=True).encode(
+        x=x, y=alt.Y("mean:Q", title=f"target questions: {METRIC_LABELS.get(metric, metric)}", scale=y_scale),
+        color=color,
         tooltip=[alt.Tooltip("method_label:N", title="method"), alt.Tooltip("data_label:N", title="relearned on"),
-                 alt.Tooltip("step:Q", title="steps"), alt.Tooltip("v:Q", title="score", format=".3f"),
-                 alt.Tooltip("concepts:Q", title="concepts averaged")],
-    ).properties(width=300, height=240)
+                 alt.Tooltip("step:Q", title="steps"), alt.Tooltip("mean:Q", title="score", format=".3f"),
+                 alt.Tooltip("concepts:Q", title="concepts averaged")] + INTERVAL_TOOLTIPS,
+    )
+    y_title = f"target questions: {METRIC_LABELS.get(metric, metric)}"
+    band = alt.Chart().mark_area(opacity=BAND_OPACITY).encode(**_interval_encoding(x, y_title, color))
+    layered = _filtered(alt.layer(lines.add_params(*params) if params else lines, band, data=df), filters)
     data_kinds = list(dict.fromkeys(df["data_label"]))
-    faceted = chart.facet(column=alt.Column("data_label:N", title="relearned on", sort=data_kinds), title=title)
-    return faceted.add_params(*params) if params else faceted
+    return layered.properties(width=300, height=240).facet(
+        column=alt.Column("data_label:N", title="relearned on", sort=data_kinds),
+        title=_interval_title(title, "bootstrap over concepts (no interval for one concept)"))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,12 @@ it with the model loaded once (artefact.keep_loaded). Tasks run longest first, i
 report their stage to the terminal and `_build/precompute.log`, and stop with the build on Ctrl-C or SIGTERM
 (progress.py); the chapters then execute from a warm cache. Both paths go through Study.execute, so they ask for
 the same cache keys by construction.
+
+Memory decides the order. A training stage (unlearning, relearning) holds the weights, their gradients and two
+optimiser moments: four copies of the model, the build's high-water mark. So the build runs in two phases: first
+every task's training stages, one task at a time with every core (the same weights bit for bit as with one thread:
+tests/test_precompute.py), then the rest, `jobs` at a time. Each task runs in a new worker process, whose memory
+goes back to the system when it ends.
 """
 from __future__ import annotations
 
@@ -22,6 +28,8 @@ from . import progress, study as study_mod
 
 # Artefacts that cost real time; the chapters should find all of them built (see book.build).
 HEAVY_KINDS = ("unlearned", "behaviour", "sweep", "coef_change", "relearn")
+# The stages that train a model (the memory-heavy ones): the first phase runs them one task at a time.
+TRAINING_STAGES = ("unlearned", "relearn")
 STUDY_TAG = "study"  # the notebook cells whose calls are the chapter's plan
 # Rough seconds per stage on one core for the default model, only to start the longest tasks first.
 _COST = {"unlearned": 75, "behaviour": 20, "coef_change": 5, "relearn": 40, "answers": 20, "pass": 0.7}
@@ -49,6 +57,15 @@ class Task:
     @property
     def label(self) -> str:
         return f"{self.model}" + (f" / {self.concept} / {self.method}" if self.concept else " (vanilla answers)")
+
+    def split(self) -> tuple["Task | None", "Task | None"]:
+        """(its training stages, the rest) as two tasks of the same model; None where a part is empty."""
+        parts = []
+        for training in (True, False):
+            t = Task(self.model, self.concept, self.method, self.context,
+                     [r for r in self.requests if (r.stage in TRAINING_STAGES) == training])
+            parts.append(t if t.requests else None)
+        return parts[0], parts[1]
 
     def estimate(self, main_model: str | None) -> float:
         total = 0.0
@@ -129,9 +146,9 @@ def run_task(t: Task, threads: int | None = None) -> dict:
         with artefact.keep_loaded():
             for i, r in enumerate(t.requests):
                 progress.stage(f"{r.stage} {i + 1}/{len(t.requests)}", done=sum(costs[:i]) / (sum(costs) or 1.0))
-                s0 = time.time()
+                s0, c0 = time.time(), time.process_time()
                 study.execute(r)
-                done.append((r.stage, round(time.time() - s0, 1)))
+                done.append((r.stage, round(time.time() - s0, 1), round(time.process_time() - c0, 1)))
         error = None
     except Exception:  # noqa: BLE001 - reported, then left for the chapter that needs it
         error = traceback.format_exc(limit=6)
@@ -139,16 +156,26 @@ def run_task(t: Task, threads: int | None = None) -> dict:
 
 
 def run(plan, jobs: int = 1, verbose: bool = True, log: Path | None = None) -> list[dict]:
-    """Run the tasks of `plan` longest first, `jobs` worker processes at a time (each with cores/jobs torch threads),
-    showing their progress on the terminal and in `log` (see run_tasks)."""
+    """Run the tasks of `plan`: their training stages first, one task at a time with every core, then the rest,
+    longest first, `jobs` worker processes at a time (each with cores/jobs torch threads), showing their progress on
+    the terminal and in `log` (see run_tasks)."""
     if verbose:
         print(f"[book] precompute: planning {len(plan)} chapter(s) ...", flush=True)
     main = next((item[1].get("model") for item in plan if item[1].get("remote") is not True), None)
-    return run_tasks(tasks(plan), jobs, verbose, log, main)
+    todo = tasks(plan)
+    training = [t.split()[0] for t in todo if t.split()[0] is not None]
+    rest = [t.split()[1] for t in todo if t.split()[1] is not None]
+    results = []
+    if training:
+        if verbose:
+            print(f"[book] precompute: training {len(training)} model(s) first, one at a time: a training run "
+                  f"holds four copies of its model", flush=True)
+        results += run_tasks(training, 1, verbose, log, main, phase="training")
+    return results + run_tasks(rest, jobs, verbose, log, main)
 
 
 def run_tasks(todo: list[Task], jobs: int = 1, verbose: bool = True, log: Path | None = None,
-              main_model: str | None = None, runner=run_task) -> list[dict]:
+              main_model: str | None = None, runner=run_task, phase: str | None = None) -> list[dict]:
     """Run `todo` in that order, `jobs` worker processes at a time; return run_task's results in that order.
 
     The terminal and `log` show tasks done / total, each worker's task and stage, the time elapsed and an estimate
@@ -160,8 +187,9 @@ def run_tasks(todo: list[Task], jobs: int = 1, verbose: bool = True, log: Path |
         return []
     jobs = max(1, min(jobs, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    name = f"precompute ({phase})" if phase else "precompute"
     if verbose:
-        print(f"[book] precompute: {len(todo)} task(s) (one per unlearned model), {jobs} at a time"
+        print(f"[book] {name}: {len(todo)} task(s) (one per unlearned model), {jobs} at a time"
               + (f"; progress in {log}" if log else ""), flush=True)
     t0 = time.time()
     results: list = [None] * len(todo)
@@ -177,13 +205,13 @@ def run_tasks(todo: list[Task], jobs: int = 1, verbose: bool = True, log: Path |
                  "error": (outcome.details or "") + reason}
         results[index] = r
         status = "FAILED (its chapter will report it)" if r["error"] else f"{r['seconds']:.0f} s"
-        stages = ", ".join(f"{s} {x:.0f}s" for s, x in r["stages"])
-        say(f"precompute {count}/{len(todo)}: {r['label']}: {status}" + (f" ({stages})" if stages else ""))
+        stages = ", ".join(f"{s[0]} {s[1]:.0f}s" for s in r["stages"])
+        say(f"{name} {count}/{len(todo)}: {r['label']}: {status}" + (f" ({stages})" if stages else ""))
         if r["error"]:
             say(r["error"].rstrip(), err=True)
 
     work = [progress.Job(t.label, runner, (t, threads), t.estimate(main_model)) for t in todo]
-    progress.run_jobs(work, jobs, name="precompute", log=log, verbose=verbose, on_result=report)
+    progress.run_jobs(work, jobs, name=name, log=log, verbose=verbose, on_result=report, fresh=True)
     if verbose:
-        print(f"[book] precompute: done in {time.time() - t0:.0f} s", flush=True)
+        print(f"[book] {name}: done in {time.time() - t0:.0f} s", flush=True)
     return [r for r in results if r is not None]

@@ -229,6 +229,7 @@ class _Worker:
     stage: str = ""
     detail: str = ""
     done: float = 0.0  # fraction of the job's estimate finished
+    retiring: bool = False  # told to exit after its job (one job per process): gets no other
 
 
 def clock(seconds: float) -> str:
@@ -270,6 +271,72 @@ def descendants(pid: int) -> list[int]:
             out.append(child)
             todo.append(child)
     return out
+
+
+def memory_of(pid: int) -> tuple[int, int]:
+    """(resident, proportional) bytes of one process: RSS, and PSS, which splits the pages processes share (the
+    torch libraries every worker maps) among them, so the PSS of several processes adds up to what they use
+    together. (0, 0) for a process that is gone or unreadable."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            fields = dict(line.split(":", 1) for line in f if line[:4] in ("Rss:", "Pss:"))
+        return int(fields["Rss"].split()[0]) * 1024, int(fields["Pss"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+
+
+class MemoryWatch:
+    """Samples the memory of this process and all it started, every `interval` seconds, in a thread: `peak` is
+    the largest total (PSS, bytes) seen, `peak_process` the largest single RSS and what that process was. Where
+    /proc has no smaps_rollup (not Linux) the peaks stay 0 and `available` is False."""
+
+    def __init__(self, interval: float = 1.0):
+        self.interval, self.peak, self.peak_process, self.peak_name = interval, 0, 0, ""
+        self.available = os.path.exists(f"/proc/{os.getpid()}/smaps_rollup")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="memory watch", daemon=True)
+
+    def sample(self) -> None:
+        total = 0
+        for pid in [os.getpid(), *descendants(os.getpid())]:
+            rss, pss = memory_of(pid)
+            total += pss
+            if rss > self.peak_process:
+                self.peak_process, self.peak_name = rss, _process_name(pid)
+        self.peak = max(self.peak, total)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> "MemoryWatch":
+        if self.available:
+            self.sample()
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def summary(self) -> str:
+        if not self.available:
+            return "peak memory: not measured (no /proc/<pid>/smaps_rollup here)"
+        return (f"peak memory {self.peak / 2**30:.1f} GB (this process and all it started, together), the largest "
+                f"process {self.peak_process / 2**30:.1f} GB ({self.peak_name})")
+
+
+def _process_name(pid: int) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    if b"spawn_main" in b" ".join(cmd):
+        return "a worker"
+    if any(b"ipykernel" in c for c in cmd):
+        return "a chapter's kernel"
+    return "the build" if pid == os.getpid() else Path(cmd[0].decode(errors="replace")).name or "?"
 
 
 def remove_leftovers(pids) -> list[Path]:
@@ -391,9 +458,11 @@ class _Board:
 
 
 class _Run:
-    def __init__(self, jobs: list[Job], workers: int, board: _Board, on_result, stop_on_error: bool):
+    def __init__(self, jobs: list[Job], workers: int, board: _Board, on_result, stop_on_error: bool,
+                 fresh: bool = False):
         import multiprocessing
 
+        self.fresh = fresh
         self.jobs, self.n_workers, self.board = jobs, workers, board
         self.on_result, self.stop_on_error = on_result, stop_on_error
         self.ctx = multiprocessing.get_context("spawn")
@@ -428,7 +497,7 @@ class _Run:
         return w
 
     def _dispatch(self, w: _Worker) -> None:
-        if self.failed and self.stop_on_error:
+        if w.retiring or (self.failed and self.stop_on_error):
             return
         if not self.todo:
             return
@@ -449,6 +518,12 @@ class _Run:
         o.seconds = time.monotonic() - w.started
         o.result, o.error, o.details, o.finished = result, error, details, True
         w.job, w.stage, w.detail = None, "", ""
+        if self.fresh and not w.retiring:
+            # Its memory goes back to the system with the process: a long-lived worker keeps the high-water mark
+            # of every job it ran (the allocator holds freed memory), and the next job starts on a clean heap.
+            w.retiring = True
+            with contextlib.suppress(OSError):
+                w.inbox.send(None)
         if error is not None:
             self.failed = True
         if self.on_result:
@@ -596,18 +671,18 @@ class _Run:
 
 
 def run_jobs(jobs: list[Job], workers: int, *, name: str, log: Path | None = None, verbose: bool = True,
-             on_result: Callable | None = None, stop_on_error: bool = False) -> list[Outcome]:
+             on_result: Callable | None = None, stop_on_error: bool = False, fresh: bool = False) -> list[Outcome]:
     """Run `jobs` in `workers` processes, in the order given; return their outcomes in that order.
 
     `on_result(index, outcome, say)` is called in the parent as each job ends (`say(text, err=False)` prints a line
     without garbling the status line, and logs it). With `stop_on_error`, no job starts after one failed (the
     running ones end). A job that raises does not stop the others otherwise; its outcome holds the error.
     Ctrl-C, SIGTERM or SIGHUP stop everything (see the module's docstring) and raise KeyboardInterrupt (Stopped
-    for SIGTERM / SIGHUP) once the workers are gone.
+    for SIGTERM / SIGHUP) once the workers are gone. `fresh`: every job in a new process (one job per worker).
     """
     board = _Board(name, jobs, log, verbose)
     board.note(f"{name}: {len(jobs)} job(s), {min(workers, len(jobs))} at a time, parent pid {os.getpid()}")
-    run = _Run(jobs, max(1, workers), board, on_result, stop_on_error)
+    run = _Run(jobs, max(1, workers), board, on_result, stop_on_error, fresh)
     try:
         with stop_on_signals():
             try:

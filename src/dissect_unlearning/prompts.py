@@ -148,6 +148,13 @@ def generate_answers(model, tok, questions: list[str], fmt: str = "auto", max_ne
             for q, p, a in zip(questions, prompts, answers)]
 
 
+# Bytes of float32 logits a teacher-forced batch may hold at once. A training batch of the default model (8 x 256
+# tokens x 49,152 entries: 0.4 GB) stays below it and runs the plain way; Gemma 3's 262,144-entry vocabulary makes
+# the same batch 2.1 GB of logits, kept for backward together with their log-softmax, so its log-probs are computed
+# a few positions at a time instead (see _chunked_logprobs).
+LOGIT_BUDGET = 2**29
+
+
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
                    reduction: str = "none") -> torch.Tensor:
     """log p(labels[:, t]) given the tokens before t, for a teacher-forced batch (inputs on the model's device).
@@ -158,6 +165,11 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     model's dtype."""
     if reduction not in ("none", "sum"):
         raise ValueError(f"reduction must be 'none' or 'sum', got {reduction!r}")
+    head = getattr(model, "lm_head", None)
+    vocab = getattr(head, "out_features", 0)
+    if (reduction == "none" and vocab and 4 * input_ids.numel() * vocab > LOGIT_BUDGET
+            and callable(getattr(model, "get_decoder", None))):
+        return _chunked_logprobs(model, head, input_ids, attention_mask, labels)
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     # The logits at position t predict token t + 1.
     logits = logits[:, :-1].float()
@@ -165,6 +177,34 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE,
                           reduction=reduction)
     return -(nll.view(target.shape) if reduction == "none" else nll)
+
+
+def _chunked_logprobs(model, head, input_ids, attention_mask, labels) -> torch.Tensor:
+    """token_logprobs without a [B, T, vocab] tensor: the decoder's hidden states, then the LM head (and the final
+    soft-capping of a model that has it) and the cross-entropy a few positions at a time, each piece checkpointed so
+    that its logits are recomputed in the backward pass rather than kept. The log-probs are those of the plain path;
+    the LM head's weight gradient is a sum over the pieces, so it can differ from the plain path's in the last bits."""
+    from torch.utils.checkpoint import checkpoint
+
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[:, :-1]
+    target = labels[:, 1:]
+    b, t = target.shape
+    step = max(1, LOGIT_BUDGET // (4 * b * head.out_features))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+
+    def piece(h, y):
+        logits = head(h)
+        if cap is not None:  # as the model's own forward does after its LM head
+            logits = torch.tanh(logits / cap) * cap
+        logits = logits.float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE,
+                              reduction="none")
+        return -nll.view(y.shape)
+
+    grad = torch.is_grad_enabled()
+    parts = [checkpoint(piece, hidden[:, a:a + step], target[:, a:a + step], use_reentrant=False) if grad
+             else piece(hidden[:, a:a + step], target[:, a:a + step]) for a in range(0, t, step)]
+    return torch.cat(parts, dim=1)
 
 
 @dataclass

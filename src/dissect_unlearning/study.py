@@ -106,7 +106,8 @@ class Study:
 
         Each value on its own, then against the others, the concept set (it loads, and every selection is in it)
         and the model: window and layers must fit its layer count (models.n_layers_of reads the config, no weights),
-        the unlearning settings must make a valid UnlearnConfig for every method, remote=True needs an NDIF key.
+        the unlearning settings must make a valid UnlearnConfig for every method, remote=True is refused (the unlearned
+        models exist only here: patching.RemoteLocalModelError).
         offline=True leaves out what needs the network or a credential (a hub concept set, the NDIF key): the book
         checks each chapter's values that way when it plans a build, and the chapter checks them all when it runs.
         """
@@ -148,6 +149,8 @@ class Study:
             _check_choice(d, "relearn_data", RELEARN_DATA)
         if not (validate.is_number(p["relearn_lr"]) and 0 < p["relearn_lr"] < 1):
             raise ValueError(f"relearn_lr must be a finite number in (0, 1), got {p['relearn_lr']!r}")
+        # Every stage past the vanilla answers reads a model unlearned here, which NDIF cannot have
+        patching.refuse_local_model(p["remote"], "a study's unlearned models (trained on this machine)")
         if not (offline and p["remote"] is True):
             patching.check_remote(p["remote"], probe_network=False)
         for name in ("model", "second_model"):

@@ -29,6 +29,7 @@ class BuildReport:
     seconds: float = 0.0
     precomputed: list[dict] = field(default_factory=list)  # precompute.run's results
     built_by_chapters: list[tuple[str, str]] = field(default_factory=list)  # (kind, key) the chapters built
+    peak_memory: int = 0  # bytes: the largest total PSS of the build's processes (progress.MemoryWatch)
 
     @property
     def executed(self) -> list[str]:
@@ -82,8 +83,9 @@ def build(profile: str | Path = "default", only=None, overrides: dict | None = N
     # which process holds it). SIGTERM stops a build as Ctrl-C does: workers, kernels and temporary folders go, the
     # lock is released, and what finished stays cached for the next build.
     build_dir.mkdir(parents=True, exist_ok=True)
+    watch = progress.MemoryWatch()
     try:
-        with progress.stop_on_signals(), cache.build_lock(build_dir):
+        with progress.stop_on_signals(), cache.build_lock(build_dir), watch:
             # Imported here: the precompute stage loads the whole pipeline (torch, transformers, nnsight), which the
             # rest of the book (checking parameters, --list-params, glue inside a chapter) does not need.
             from .. import precompute as precompute_mod
@@ -127,7 +129,23 @@ def build(profile: str | Path = "default", only=None, overrides: dict | None = N
                   f"run the same command again to go on from what finished", file=sys.stderr, flush=True)
         raise
     report.seconds = time.time() - t0
+    report.peak_memory = watch.peak
+    if verbose:
+        if report.precomputed:
+            print(f"[book] precompute: {_cpu_by_stage(report.precomputed)}", flush=True)
+        print(f"[book] {watch.summary()}; built in {progress.clock(report.seconds)}", flush=True)
     return report
+
+
+def _cpu_by_stage(results: list[dict]) -> str:
+    """'core-seconds by stage: unlearned 1234, sweep 2345, ... (total N)' from precompute.run's results."""
+    cpu: Counter = Counter()
+    for r in results:
+        for stage in r["stages"]:
+            if len(stage) > 2:
+                cpu[stage[0]] += stage[2]
+    parts = ", ".join(f"{k} {v:.0f}" for k, v in cpu.most_common())
+    return f"core-seconds by stage: {parts} (total {sum(cpu.values()):.0f})"
 
 
 def _execute_chapters(report: BuildReport, plan, build_dir: Path, force: bool, verbose: bool, jobs: int,

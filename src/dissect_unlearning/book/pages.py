@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..claims import CLAIMS
 from .chapter import Chapter, chapters
 from .params import PARAMETERS
 from .profiles import load_profile, profile_names
@@ -24,11 +25,38 @@ def glue(name: str, value, display: bool = False) -> None:
 
 
 def glue_verdict(name: str, verdict) -> None:
-    """Glue a verdict for the page: `name` (the sentence), `name_answer` (yes / no / undecided), `name_claim`, and
-    each evidence number as `name_<key>`."""
+    """Glue a verdict for the page under `name` and its suffixes:
+
+    - `name`: the sentence (estimate with its interval, threshold, provenance in a few words);
+    - `name_status` and `name_answer` (the same): holds / does not hold / inconclusive, or met / not met for a
+      precondition;
+    - `name_interval`: the estimate and its 95% interval, e.g. "0.71 [0.64, 0.78]";
+    - `name_source`: where the claim comes from, e.g. "paper, headline results ...: KRS above 0.9" or
+      "this book: ...";
+    - `name_claim`: the claim in words; `name_question`: the question it answers;
+    - each evidence number as `name_<key>`.
+
+    `verdict` may also be a string: the reason there is no verdict on this run (a stage the parameters skipped).
+    The sentence is then that reason, the status "not run", the interval "no estimate", and the claim's words and
+    provenance come from the register when `name` is there, so that every reference of the page still resolves.
+    """
+    if isinstance(verdict, str):
+        claim = CLAIMS.get(name)
+        glue(name, verdict)
+        glue(f"{name}_status", "not run")
+        glue(f"{name}_answer", "not run")
+        glue(f"{name}_interval", "no estimate")
+        glue(f"{name}_source", claim.provenance if claim else "-")
+        glue(f"{name}_claim", claim.statement if claim else "-")
+        glue(f"{name}_question", claim.question if claim else "-")
+        return
     glue(name, verdict.sentence)
+    glue(f"{name}_status", verdict.status)
     glue(f"{name}_answer", verdict.answer)
-    glue(f"{name}_claim", verdict.claim)
+    glue(f"{name}_interval", verdict.interval_text)
+    glue(f"{name}_source", verdict.claim.provenance)
+    glue(f"{name}_claim", verdict.claim.statement)
+    glue(f"{name}_question", verdict.claim.question or verdict.claim.statement)
     for k, v in verdict.evidence.items():
         glue(f"{name}_{k}", v)
 

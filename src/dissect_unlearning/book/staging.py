@@ -89,11 +89,38 @@ def _bundle(stage: Path) -> None:
     _write_if_changed(stage / "_static" / plots.BUNDLE_NAME, (folder / plots.BUNDLE_NAME).read_bytes())
 
 
+LAUNCH_URLS = ("binderhub_url", "colab_url", "jupyterhub_url", "thebe")
+
+
+def staged_config(path: Path) -> str:
+    """The book's _config.yml as the build renders it: with `repository.url` set, launch buttons (those of
+    `launch_buttons`) and a repository button; without it, neither (the theme would otherwise make buttons that
+    lead nowhere). The repository's notebooks/ folder holds the chapters at the same paths as the staged book, so a
+    launch button opens the chapter's own notebook, parameters cell first."""
+    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    repository = config.get("repository") or {}
+    url = str(repository.get("url") or "").strip()
+    html = config.setdefault("html", {})
+    launch = config.setdefault("launch_buttons", {})
+    if url:
+        if not re.match(r"^https?://[^\s/]+/\S+$", url):
+            raise BookError(f"{path}: repository.url must be the address of the book's repository "
+                            f"(https://HOST/OWNER/NAME), got {url!r}")
+        config["repository"] = {**repository, "url": url.rstrip("/"), "path_to_book": ""}
+        html["use_repository_button"] = True
+    else:
+        config.pop("repository", None)
+        html["use_repository_button"] = False
+        for key in LAUNCH_URLS:
+            launch.pop(key, None)
+    return yaml.safe_dump(config, sort_keys=False)
+
+
 def stage(root: Path, build_dir: Path, runs: list[ChapterRun], profile: str) -> Path:
     """Write the Jupyter Book source folder: config, toc (chapters present only), pages, static files, notebooks."""
     src = build_dir / "book"
     (src / "notebooks").mkdir(parents=True, exist_ok=True)
-    _write_if_changed(src / "_config.yml", (root / "_config.yml").read_bytes())
+    _write_if_changed(src / "_config.yml", staged_config(root / "_config.yml").encode())
     for p in (root / "book").rglob("*"):
         rel = p.relative_to(root / "book")
         if p.is_file() and rel.parts[0] not in ("_executed", "_static"):

@@ -14,8 +14,9 @@ docs/sweep-schema.md.
                          experiments=("coef", "attn", "coef+attn", "value"), window=5)
     patching.aggregate(table, by=("experiment", "center_layer"))
 """
-from .engine import (DIRECTIONS, ENGINE_COLUMNS, REMOTE_CHOICES, Pass, RemoteUnavailableError, check_pair,
-                     check_remote, run, wrap)
+from .engine import (DIRECTIONS, ENGINE_COLUMNS, REMOTE_CHOICES, Pass, RemoteLocalModelError,
+                     RemoteUnavailableError, check_pair, check_remote, check_remote_pair, refuse_local_model, run,
+                     wrap)
 from .experiments import (EXPERIMENTS, PAPER_EXPERIMENTS, PARAMETER_SETS, Experiment, ParameterSet, parameter_names,
                           register_experiment, register_parameter_set, register_site, unregister_experiment,
                           unregister_parameter_set, unregister_site)
@@ -41,8 +42,8 @@ SWEEP_COLUMNS = [
 __all__ = [
     "ALIGNMENTS", "DIRECTIONS", "ENGINE_COLUMNS", "EXPERIMENTS", "LAYOUTS", "PAPER_EXPERIMENTS", "PARAMETER_SETS",
     "REMOTE_CHOICES", "SITES", "SWEEP_COLUMNS", "Experiment", "ParameterSet", "Pass", "Reference",
-    "RemoteUnavailableError", "ScoringInputs", "Site", "Window", "aggregate", "centred", "check_pair", "check_remote",
-    "explicit", "kl", "krs", "mse", "paper_counts", "parameter_names", "register_experiment",
+    "RemoteLocalModelError", "RemoteUnavailableError", "ScoringInputs", "Site", "Window", "aggregate", "centred",
+    "check_pair", "check_remote", "check_remote_pair", "explicit", "kl", "krs", "mse", "paper_counts", "parameter_names", "register_experiment",
     "register_parameter_set", "register_site", "restored_parameters", "run", "scoring_inputs", "top1_agree",
     "unregister_experiment", "unregister_parameter_set", "unregister_site", "windows", "wrap",
 ]

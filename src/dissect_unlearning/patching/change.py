@@ -11,7 +11,7 @@ import torch
 
 from .. import models
 from . import batch as batch_mod, experiments as experiments_mod, sites as sites_mod
-from .engine import Pass, check_pair, check_remote, wrap
+from .engine import Pass, check_pair, check_remote, check_remote_pair, wrap
 
 CHANGE_COLUMNS = ["layer", "quantity", "norm_vanilla", "norm_diff", "rel_change"]
 
@@ -41,6 +41,7 @@ def change(vanilla, unlearned, tok, prompt_ids, answer_ids, remote=False):
     """One row per (layer, quantity): norms of the vanilla values and of the change; a DataFrame (CHANGE_COLUMNS)."""
     import pandas as pd
 
+    check_remote_pair(vanilla, unlearned, remote)
     check_remote(remote)
     arch = check_pair(vanilla, unlearned)
     n_layers = models.n_layers(vanilla)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,37 @@ ENGINE_COLUMNS = [
 
 class RemoteUnavailableError(RuntimeError):
     """remote=True cannot work here (no NDIF API key, or NDIF cannot be reached)."""
+
+
+class RemoteLocalModelError(ValueError):
+    """remote=True with a model NDIF cannot have: an unlearned (or otherwise changed) copy of a hosted model."""
+
+
+# Why a locally changed model cannot go to NDIF: the request names the model by its `name_or_path`, which an
+# unlearned model here shares with the vanilla model it was made from, so NDIF would run its own, vanilla weights.
+LOCAL_MODEL_REASON = (
+    "NDIF runs the weights it hosts under a model's name, and an unlearned model here is the vanilla model plus a "
+    "change stored on this machine, under the vanilla model's name: every 'unlearned' trace would run the hosted "
+    "vanilla weights, and KRS would compare the vanilla model with itself, with no error. Until the change travels "
+    "with the request (as an adapter), run it here: remote=False, or remote='local' (nnsight's offline simulation "
+    "of the request)")
+
+
+def refuse_local_model(remote, what: str) -> None:
+    """Raise RemoteLocalModelError if `remote` is True: `what` (e.g. "the unlearned model") exists only here."""
+    if remote is True:
+        raise RemoteLocalModelError(f"remote=True with {what}: {LOCAL_MODEL_REASON}")
+
+
+def check_remote_pair(vanilla, unlearned, remote) -> None:
+    """remote=True on two loaded models: refused when NDIF would see one model twice (one name, two sets of
+    weights: the unlearned one made here from the vanilla one). Two models of two hosted names pass."""
+    if remote is not True:
+        return
+    names = [getattr(getattr(m, "config", None), "_name_or_path", None) or getattr(m, "name_or_path", None)
+             for m in (vanilla, unlearned)]
+    if names[0] is None or names[0] == names[1] or any(n and Path(n).exists() for n in names):
+        refuse_local_model(remote, f"the models {names[0]!r} and {names[1]!r}, one of them made or stored here")
 
 
 def check_remote(remote, experiments=(), *, probe_network: bool = True) -> None:
@@ -274,6 +306,7 @@ def run(vanilla, unlearned, tok, prompt_ids: list[list[int]], answer_ids: list[l
         raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
     if not callable(metric):
         raise TypeError(f"metric must be a callable (reference logits, logits) -> float, got {metric!r}")
+    check_remote_pair(vanilla, unlearned, remote)
     check_remote(remote, exps)
     arch = check_pair(vanilla, unlearned)
     n_layers = models.n_layers(vanilla)

@@ -31,8 +31,9 @@ def versions() -> dict:
 
 
 def build(folder: Path, model_name: str, forget, retain, config: UnlearnConfig, qa=None, retain_qa=None,
-          identity: dict | None = None, progress: bool = True) -> dict:
-    """Train and store one unlearned model into `folder`; return its record.
+          identity: dict | None = None, progress: bool = True, trained: list | None = None) -> dict:
+    """Train and store one unlearned model into `folder`; return its record. `trained`: a list that receives the
+    trained (model, tokenizer), for a caller that goes on with it (keep()).
 
     With `identity` (the inputs of the run's cache entry) a killed run resumes where its last checkpoint left it;
     the checkpoint is kept beside the entries, named by the entry's cache key, so that no run with other settings,
@@ -48,6 +49,7 @@ def build(folder: Path, model_name: str, forget, retain, config: UnlearnConfig, 
     # loaded there, in the runtime dtype the model was trained in: no second model on the GPU.
     vanilla, _ = models.load(model_name, device="cpu")
     manifest = storage.save_delta(model, vanilla, folder)
+    del vanilla
     record = {
         "format": "dissect-unlearning/unlearned-1",
         "model": model_name,
@@ -72,6 +74,8 @@ def build(folder: Path, model_name: str, forget, retain, config: UnlearnConfig, 
         # Now rather than once the entry is in place, which happens after this returns: a kill in between costs
         # a fresh run, never a checkpoint left behind for good.
         trainer.discard_checkpoint(checkpoint)
+    if trained is not None:
+        trained.append((model, tok))
     return record
 
 
@@ -118,20 +122,27 @@ class Unlearned:
         """What determines this model, for downstream cache keys (the inputs of its own cache entry)."""
         return dict(self.record["identity"] or {})
 
-    def load(self, verify: bool = True):
+    def load(self, verify: bool = True, shared: bool = False):
         """(model, tokenizer) in eval mode: the vanilla model with the stored delta applied, on the runtime device
-        (models.set_runtime) and in the dtype the model was trained in (the delta fits that dtype only)."""
+        (models.set_runtime) and in the dtype the model was trained in (the delta fits that dtype only).
+
+        shared: inside keep_loaded(), the kept model itself rather than a copy of it, for a caller that leaves it
+        as it was (a patching sweep restores what it changes); a caller that trains it gets a copy."""
         key = (str(self.folder), models.runtime())
         kept = STATE.kept  # while keep_loaded() is active: the last model rebuilt, {(folder, runtime): (model, tok)}
         if kept is not None and key in kept:
             model, tok = kept[key]
-            return copy.deepcopy(model).eval(), tok  # a copy: callers may change it (restoration, relearning)
+            return (model if shared else copy.deepcopy(model)).eval(), tok
         dtype = json.loads((self.folder / storage.MANIFEST).read_text())["dtype"]
         model, tok = models.load(self.model, dtype=dtype)
         storage.apply_delta(model, self.folder, verify=verify)
         if kept is not None:
-            kept.clear()  # one model at a time: a kept model costs its full size in memory
-            kept[key] = (copy.deepcopy(model).eval(), tok)
+            keep(self.folder, model.eval(), tok)
+            # One model is kept, and no other of its base model is coming (one task per unlearned model): the
+            # vanilla weights remembered to speed up the next rebuild are memory for nothing.
+            STATE.vanilla.clear()
+            if not shared:
+                return copy.deepcopy(model).eval(), tok
         return model.eval(), tok
 
     def export(self, out: str | Path) -> Path:
@@ -150,11 +161,27 @@ class Unlearned:
                 f"{self.size_bytes / 1e6:.0f} MB at {self.folder})")
 
 
+def keeping() -> bool:
+    """Is a keep_loaded() block active?"""
+    return STATE.kept is not None
+
+
+def keep(folder: Path, model, tok) -> None:
+    """Inside keep_loaded(), make (model, tok) the kept model of the entry at `folder` (the only one kept): a run
+    that has just trained it hands it over instead of it being rebuilt from the delta it wrote (bit-identical, as
+    the delta is lossless and checked)."""
+    kept = STATE.kept
+    if kept is not None:
+        kept.clear()  # one model at a time: a kept model costs its full size in memory
+        kept[(str(Path(folder)), models.runtime())] = (model, tok)
+
+
 @contextlib.contextmanager
 def keep_loaded():
     """Inside the block, Unlearned.load() rebuilds a model from its delta once and hands out copies of it after
     that (a copy takes ~0.3 s, a rebuild ~7 s for the default model). One model is kept at a time, so work that
-    runs every stage of one unlearned model before the next (book.precompute) loads each model once."""
+    runs every stage of one unlearned model before the next (book.precompute) loads each model once. Callers that
+    leave the model as they found it take it with load(shared=True), without a copy."""
     outer = STATE.kept is not None  # an inner block leaves the outer one's model kept
     if not outer:
         STATE.kept = {}

@@ -3,7 +3,9 @@
 If unlearning had erased the knowledge, relearning it would take as long as learning it the first time; if it only
 hid it (the paper's claim: retrieval is disturbed, the value vectors are intact), a few steps on *other* data bring
 it back. Two kinds of relearning data:
-  'unrelated' - the text of a concept that was neither forgotten nor retained: nothing about the forgotten concept;
+  'unrelated' - the text of a concept that was neither forgotten nor retained, and that gives away none of the
+                forgotten concept's answers (checked: `leaks`; The Lord of the Rings' article names J.K. Rowling, so
+                it cannot stand in for "nothing about Harry Potter");
   'partial'   - half of the forgotten concept's questions with the vanilla answers; the other half is scored, so
                 what comes back was not shown.
 Plain next-token NLL, AdamW, seeded order; `evaluate(model, step)` is called at each checkpoint step (0 = before).
@@ -11,15 +13,54 @@ Plain next-token NLL, AdamW, seeded order; `evaluate(model, step)` is called at 
 from __future__ import annotations
 
 import random
+import re
 from typing import Callable
 
 import torch
 
-from .. import prompts
+from .. import concepts as concepts_mod, prompts
 from . import data as data_mod
 from .logprobs import mean_nll, sequence_logprobs
+from .trainer import recomputed_activations
 
 KINDS = ("unrelated", "partial")
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def _words(text: str) -> set[str]:
+    return set(_WORD.findall(concepts_mod.normalise(text)))
+
+
+def leaks(concept, text: str, answers: list[str] | None = None) -> dict:
+    """What `text` gives away of `concept`'s answers.
+
+    leaked: the indices of the questions one of whose accepted answers (concept.answers) occurs in the text, as a
+    phrase (case, punctuation and spacing ignored, as answers are scored). overlap: the share of the answers' words
+    (three letters or more, not in the question itself) that occur anywhere in the text. Without accepted answers,
+    `answers` (the vanilla model's answer texts, one per question) stand in for them, and only the overlap is
+    computed (a whole sentence never occurs verbatim)."""
+    norm = concepts_mod.normalise(text)
+    vocabulary = _words(text)
+    accepted = concept.answers or [[a] for a in (answers or [])]
+    leaked = [i for i, alts in enumerate(concept.answers or []) if any(concepts_mod.normalise(a) in norm
+                                                                       for a in alts)]
+    words = set()
+    for question, alts in zip(concept.questions, accepted):
+        asked = _words(question)
+        words |= {w for a in alts for w in _words(a) if len(w) >= 3 and w not in asked}
+    overlap = len(words & vocabulary) / len(words) if words else 0.0
+    return {"leaked": leaked, "overlap": overlap, "words": len(words)}
+
+
+def unrelated_concept(concept, candidates: list, answers: list[str] | None = None):
+    """(the concept whose text relearning on 'unrelated' data uses, its leaks()): the first candidate (in the set's
+    order) whose text gives away none of `concept`'s answers; if every one does, the one that gives away fewest
+    (ties: the smaller word overlap), so that the table reports the leak rather than the build failing."""
+    if not candidates:
+        raise ValueError("relearning data 'unrelated' needs a concept that is neither forgotten nor retained")
+    found = [(c, leaks(concept, c.forget_text, answers)) for c in candidates]
+    clean = [f for f in found if not f[1]["leaked"]]
+    return clean[0] if clean else min(found, key=lambda f: (len(f[1]["leaked"]), f[1]["overlap"]))
 
 
 def examples(tok, kind: str, concept, other, qa, chunk_tokens: int = 128, max_length: int = 256):
@@ -65,9 +106,10 @@ def relearn(model, tok, train: list, checkpoints, evaluate: Callable[[object, in
                 index, order = order[:batch_size], order[batch_size:]
                 part = data_mod.collate([train[i] for i in index], index, pad_id)
                 model.train()
-                loss = mean_nll(*sequence_logprobs(model, part))
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
+                with recomputed_activations(model):
+                    loss = mean_nll(*sequence_logprobs(model, part))
+                    optimiser.zero_grad(set_to_none=True)
+                    loss.backward()
                 optimiser.step()
                 step += 1
                 bar.update(1)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .. import cache, models, progress as dissect_progress
+from .. import cache, models, progress as dissect_progress, prompts
 from . import data as data_mod, methods
 from .config import UnlearnConfig
 
@@ -43,6 +43,34 @@ class TrainResult:
     forget_concept: str
     retain_concept: str
     reference_seconds: float = 0.0  # of `seconds`: the up-front reference log-probs (NPO, DPO)
+
+
+@contextlib.contextmanager
+def recomputed_activations(model):
+    """Gradient checkpointing inside the block: each decoder layer keeps only its input for the backward pass and
+    recomputes the rest there. About a third more compute per step, for 3 GB less memory with the default model's
+    batch (the activations of 30 layers x 4,096 tokens), which lets a 16 GB laptop train while the book builds.
+    The gradients are bit for bit those of a plain backward pass (tests/test_unlearning.py checks it)."""
+    # transformers 5 calls it activation checkpointing (the gradient_ names are deprecated aliases)
+    new = callable(getattr(model, "activation_checkpointing_enable", None))
+    prefix = "activation" if new else "gradient"
+    enable = getattr(model, f"{prefix}_checkpointing_enable", None)
+    if not callable(enable) or not getattr(model, "supports_gradient_checkpointing", False):
+        yield  # a model without the switch trains the plain way
+        return
+    was = bool(getattr(model, f"is_{prefix}_checkpointing", False))
+    config = getattr(model, "config", None)
+    cache_was = getattr(config, "use_cache", None)
+    enable(**{f"{prefix}_checkpointing_kwargs": {"use_reentrant": False}})
+    if cache_was:
+        config.use_cache = False  # a training pass keeps no key/value cache (and transformers warns if asked to)
+    try:
+        yield
+    finally:
+        if cache_was:
+            config.use_cache = cache_was
+        if not was:
+            getattr(model, f"{prefix}_checkpointing_disable")()
 
 
 def trainable_parameters(model, params: str) -> list[tuple[str, torch.nn.Parameter]]:
@@ -117,7 +145,7 @@ def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, prog
     t0 = time.time()
     torch.manual_seed(config.seed)
     method = methods.get(config.method)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = prompts.pad_id(tok)
     n_steps = config.n_steps(len(data.forget))
     steps = schedule(len(data.forget), n_steps, config.batch_size, config.seed)
     trained = trainable_parameters(model, config.params)
@@ -178,6 +206,8 @@ def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, prog
     # would wait for its end, many seconds on a CPU. A hook on each trained parameter is Python code that runs as
     # its gradient is ready, so an interruption is raised within about a layer's time. The hooks change nothing.
     hooks = [p.register_hook(_let_signals_in) for p in params]
+    recompute = recomputed_activations(model)
+    recompute.__enter__()
     model.train()
     bar = tqdm(steps[done:], desc=f"unlearn {data.forget_concept} ({config.method})", disable=not progress,
                unit="step", initial=done, total=n_steps)
@@ -219,6 +249,7 @@ def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, prog
                     save(done, rng)
                 raise
     finally:
+        recompute.__exit__(None, None, None)
         for hook in hooks:
             hook.remove()
         bar.close()
