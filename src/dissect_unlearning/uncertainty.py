@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from .tables import require_columns
+
 N_BOOT = 1000
 SEED = 0
 LEVEL = 0.95
@@ -78,17 +80,6 @@ class _Design:
     n_questions: int
     avail: list             # per stratum: [n_pairs, max] padded question codes each pair can draw from
     n_avail: list           # per stratum: [n_pairs] how many
-
-
-def _check(table: pd.DataFrame, columns, what: str) -> None:
-    if not isinstance(table, pd.DataFrame):
-        raise TypeError(f"{what}: expected a pandas DataFrame, got {type(table).__name__}")
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise ValueError(f"{what}: the table lacks column(s) {', '.join(map(str, missing))}; "
-                         f"it has {', '.join(map(str, table.columns))}")
-    if table.empty:
-        raise ValueError(f"{what}: the table is empty")
 
 
 def _codes(table: pd.DataFrame, columns) -> tuple[np.ndarray, int]:
@@ -195,8 +186,8 @@ def replicate_means(table: pd.DataFrame, value: str, columns=(), pairs=("method"
     """
     pairs = [c for c in pairs if c in table.columns]
     columns = list(columns)
-    _check(table, [value] + columns + ([question] if question else []) + ([strata] if strata else []),
-           "replicate_means")
+    require_columns(table, [value] + columns + ([question] if question else []) + ([strata] if strata else []),
+                    "replicate_means", allow_empty=False)
     v = pd.to_numeric(table[value], errors="coerce").to_numpy(dtype=float)
     usable = np.isfinite(v)
     design = _design(table, pairs, question, strata, usable)
@@ -293,7 +284,8 @@ def bootstrap(table: pd.DataFrame, statistic, pairs=("method", "concept"), quest
     questions once each.
     """
     pairs = [c for c in pairs if c in table.columns]
-    _check(table, pairs + ([question] if question else []) + ([strata] if strata else []), "bootstrap")
+    require_columns(table, pairs + ([question] if question else []) + ([strata] if strata else []), "bootstrap",
+                    allow_empty=False)
     usable = np.ones(len(table), dtype=bool)
     design = _design(table, pairs, question, strata, usable)
     key = design.pair * design.n_questions + design.question
