@@ -79,7 +79,7 @@ def main():
                     ("params=mlp", {"params": "mlp"}),
                     ("params=last_k:4", {"params": "last_k:4"})]
         if method != "idk_dpo":
-            variants.append(("forget_qa=False", {"forget_qa": False}))
+            variants.append(("forget_data=text+qa", {"forget_data": "text+qa"}))
         model, tok = models.load(args.model)
         vanilla = {k: v.clone() for k, v in model.state_dict().items()}
         print(f"\nper-step time of {method}, {args.ablate_steps} steps each (load average "

@@ -234,7 +234,7 @@ RECORDS = [{"Concept": name, "Layer": 1, "Dim": i, "QA": [f"who is {name} ?"], "
 def test_a_registered_method_has_its_defaults_its_data_and_trains_a_step(tiny_llama, toy_method):
     model, tok = tiny_llama
     assert "toy" in unlearning.METHODS
-    cfg = UnlearnConfig.for_method("toy", steps=1, batch_size=2, forget_qa=False, retain_qa=False)
+    cfg = UnlearnConfig.for_method("toy", steps=1, batch_size=2, forget_data="text", retain_qa=False)
     assert (cfg.lr, cfg.retain_weight, cfg.chunk_tokens) == (3e-5, 0.0, 8) and cfg.beta == UnlearnConfig().beta
     assert UnlearnConfig.from_dict(json.loads(cfg.to_json())) == cfg
     with pytest.raises(ValueError, match="retain_weight must be 0 for toy"):

@@ -161,3 +161,48 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
         sys.exit("usage: python tests/test_study.py --write   (recompute the smoke tables into the fixture)")
     write_fixture()
+
+
+def test_no_profile_scores_a_model_on_a_question_it_was_trained_on():
+    """For every profile (and a variant of the default that trains on questions): each request that scores target
+    questions of an unlearned model leaves out every question its training data (unlearning.data.build) holds."""
+    from transformers import PreTrainedTokenizerFast  # noqa: F401 - only to fail loudly if transformers is missing
+
+    from dissect_unlearning import precompute
+    from dissect_unlearning.unlearning import UnlearnConfig, data as udata
+
+    class Tok:  # the training data's token ids do not matter here, only which questions it holds
+        eos_token_id = 0
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [1 + (hash(w) % 97) for w in text.split()]}
+
+    checked = with_questions = 0
+    cases = [(name, {}) for name in book.profile_names(ROOT)] + [("default", {"unlearning": {"forget_data": "qa"}})]
+    for name, extra in cases:
+        prof = book.load_profile(name, ROOT)
+        if str(prof.parameters.get("concept_set", "builtin")).startswith("hub:") or \
+                prof.parameters.get("remote") is True:
+            continue  # a hub concept set cannot be read offline; a remote profile is refused before any work
+        for ch in [c for c in book.chapters(ROOT) if c.in_toc]:
+            params = book.resolve_parameters(ch, prof, {k: v for k, v in extra.items() if k in ch.parameters()})
+            study = Study.from_params(params, progress=False)
+            for r in precompute.requests(ch.path, params):
+                kw = r.kwargs
+                if r.concept is None or r.stage not in ("sweep", "coef_change", "behaviour", "relearn") or \
+                        kw.get("kind", "target") != "target":
+                    continue
+                config = UnlearnConfig.for_method(r.method, **r.params.get("unlearning", {}))
+                concept = study.concept_set.get(r.concept)
+                n = len(concept.questions)
+                qa = [(q, [1, 2], [3, 4]) for q in concept.questions]
+                retain = next(c for c in study.concept_set if c.name != concept.name)
+                trained = {int(e.source.split(":")[1]) for e in
+                           udata.build(Tok(), concept, retain, config, qa=qa, retain_qa=qa).forget
+                           if e.source.startswith("qa:")}
+                scored = pipeline.scorable(config, concept)
+                assert not trained & set(scored), (name, ch.stem, r)
+                assert len(trained) + len(scored) == n  # nothing dropped silently either
+                checked += 1
+                with_questions += bool(trained)
+    assert checked > 50 and with_questions > 10  # the variant that trains on questions was checked too

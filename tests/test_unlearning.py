@@ -40,11 +40,11 @@ def cset():
     return concepts.parse(records(), "test")
 
 
-def tiny_data(tok, cset, method="grad_diff", **kw):
+def tiny_data(tok, cset, method="grad_diff", n_questions=2, **kw):
     cfg = UnlearnConfig.for_method(method, **{"chunk_tokens": 8, "batch_size": 2, "steps": 3, **kw})
     forget = cset.get("Harry Potter")
     qa = [(f"question {i}", tok(f"question {i}")["input_ids"], tok(" harry potter is a wizard")["input_ids"])
-          for i in range(2)]
+          for i in range(n_questions)]
     # The retain concept's questions: the second is one of the forget concept's unrelated questions (held out).
     retain_qa = [("who is paris?", tok("who is paris ?")["input_ids"], tok("paris is a city")["input_ids"]),
                  ("what is the capital of france?", tok("what is the capital of france ?")["input_ids"],
@@ -146,9 +146,12 @@ def test_retain_concept_is_never_the_forget_concept():
 
 def test_forget_set_is_text_chunks_plus_answers_and_retain_is_repeated_to_its_length(tiny_llama, cset):
     _, tok = tiny_llama
-    cfg, data = tiny_data(tok, cset)
     chunks = udata.text_chunks(tok, TEXTS["Harry Potter"], 8)
-    assert [e.source for e in data.forget] == [f"text:{i}" for i in range(len(chunks))] + ["qa:0", "qa:1"]
+    cfg, text = tiny_data(tok, cset)  # the paper's forget data: the text alone
+    assert cfg.forget_data == "text" and [e.source for e in text.forget] == [f"text:{i}" for i in range(len(chunks))]
+    cfg, data = tiny_data(tok, cset, forget_data="text+qa")
+    # of the two questions only the first is trained on: the other is the one the book scores
+    assert [e.source for e in data.forget] == [f"text:{i}" for i in range(len(chunks))] + ["qa:0"]
     assert all(len(e.input_ids) <= 8 for e in data.forget[:len(chunks)])
     qa = data.forget[-1]
     n_answer = len(tok(" harry potter is a wizard")["input_ids"])
@@ -158,16 +161,25 @@ def test_forget_set_is_text_chunks_plus_answers_and_retain_is_repeated_to_its_le
     n_text = len(chunks)
     assert all(e.source.startswith("text:") for e in data.retain[:n_text])
     assert [e.input_ids for e in data.retain[n_text:]] == [tuple(tok("who is paris ?")["input_ids"]
-                                                                 + tok("paris is a city")["input_ids"])] * 2
+                                                                 + tok("paris is a city")["input_ids"])]
     retain_ids = [t for e in data.retain[:n_text] for t in e.input_ids]
     assert set(retain_ids) <= set(tok(TEXTS["Paris"])["input_ids"])
     _, text_only = tiny_data(tok, cset, retain_qa=False)
     assert all(e.source.startswith("text:") for e in text_only.retain)
     _, idk = tiny_data(tok, cset, "idk_dpo")
-    assert [e.source for e in idk.forget] == ["qa:0", "qa:1"]
+    assert [e.source for e in idk.forget] == ["qa:0"]
     assert idk.chosen[0].input_ids[:len(tok("question 0")["input_ids"])] == idk.forget[0].input_ids[:len(tok("question 0")["input_ids"])]
     refusal = tok("I don't know.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert [t for t, lab in zip(idk.chosen[0].input_ids, idk.chosen[0].labels) if lab != -100] == refusal
+    with pytest.raises(ValueError, match="at least 2 questions"):
+        tiny_data(tok, cset, forget_data="qa", n_questions=1)
+
+
+def test_old_records_map_onto_forget_data():
+    base = UnlearnConfig().to_dict()
+    base.pop("forget_data")
+    for text, qa, want in ((True, True, "text+qa"), (True, False, "text"), (False, True, "qa")):
+        assert UnlearnConfig.from_dict({**base, "forget_text": text, "forget_qa": qa}).forget_data == want
 
 
 def test_collate_right_pads_and_sequence_logprobs_sum_the_labelled_tokens(tiny_llama):
@@ -194,7 +206,7 @@ def test_collate_right_pads_and_sequence_logprobs_sum_the_labelled_tokens(tiny_l
     ({"lr": -1.0}, "lr"), ({"steps": 0}, "steps"), ({"batch_size": 0}, "batch_size"),
     ({"params": "attention"}, "params"), ({"chunk_tokens": 512, "max_length": 256}, "chunk_tokens"),
     ({"beta": 0}, "beta"), ({"retain_weight": -1}, "retain_weight"), ({"steps": 3, "epochs": 2}, "epochs"),
-    ({"warmup_steps": -1}, "warmup_steps"), ({"forget_text": False, "forget_qa": False}, "forget_qa"),
+    ({"warmup_steps": -1}, "warmup_steps"), ({"forget_data": "questions"}, "forget_data"),
     ({"prompt_format": "xml"}, "prompt_format"), ({"colour": "red"}, "colour"),
 ])
 def test_config_errors_name_the_parameter(bad, field):
@@ -207,8 +219,8 @@ def test_config_method_rules_and_json_round_trip():
         UnlearnConfig.for_method("forget_everything")
     with pytest.raises(ValueError, match="retain_weight"):
         UnlearnConfig.for_method("grad_ascent", retain_weight=1.0)
-    with pytest.raises(ValueError, match="forget_qa"):
-        UnlearnConfig.for_method("idk_dpo", forget_qa=False)
+    with pytest.raises(ValueError, match="forget_data must be 'qa' for idk_dpo"):
+        UnlearnConfig.for_method("idk_dpo", forget_data="text+qa")
     cfg = UnlearnConfig.for_method("npo", lr=3e-5, epochs=2)
     assert cfg.steps is None and cfg.n_steps(10) == math.ceil(2 * 10 / cfg.batch_size)
     assert UnlearnConfig.from_dict(json.loads(cfg.to_json())) == cfg
@@ -438,7 +450,7 @@ def test_cli_unlearn_writes_a_checkpoint_that_reloads_with_the_same_logits(defau
 
     out = tmp_path / "hp-unlearned"
     rc = cli.main(["unlearn", "--model", models.DEFAULT_MODEL, "--concept", "Harry Potter", "--method", "grad_diff",
-                   "--steps", "2", "--batch-size", "1", "--chunk-tokens", "64", "--set", "forget_qa=false",
+                   "--steps", "2", "--batch-size", "1", "--chunk-tokens", "64", "--set", "forget_data=text",
                    "--set", "retain_qa=false", "--quiet", "--out", str(out)])  # text only: no answers to generate
     assert rc == 0
     for name in ("config.json", "model.safetensors", "tokenizer.json", "unlearning.json"):
@@ -446,7 +458,7 @@ def test_cli_unlearn_writes_a_checkpoint_that_reloads_with_the_same_logits(defau
     record = json.loads((out / "unlearning.json").read_text())
     assert record["settings"]["steps"] == 2 and len(record["loss_curve"]) == 2 and record["versions"]["torch"]
     u = pipeline.unlearned(models.DEFAULT_MODEL, "builtin", "Harry Potter", "grad_diff", progress=False,
-                           steps=2, batch_size=1, chunk_tokens=64, forget_qa=False, retain_qa=False)  # cached
+                           steps=2, batch_size=1, chunk_tokens=64, forget_data="text", retain_qa=False)  # cached
     assert u.train_seconds == record["train_seconds"]  # the very run the CLI made, not a second one
     assert u.size_bytes < 300e6
     mine, tok = u.load()
@@ -573,3 +585,37 @@ def test_unrelated_relearning_text_gives_away_none_of_the_answers():
                               "t").get("Harry Potter")
     # answer words of three letters or more: was, rowling, wizard; the text has one of them
     assert relearn_mod.leaks(hp_plain, "rowling wrote it", ["It was Rowling.", "A wizard"])["overlap"] == 1 / 3
+
+
+def test_a_model_trained_on_questions_is_scored_only_on_the_others(tiny_checkpoint, concept_file):
+    """With questions in the forget data, every table the book reads leaves out the questions the model was trained
+    on: sweeps, the change measure, behaviour and relearning score the held-out half only."""
+    settings = {**FAST, "forget_data": "text+qa"}
+    u = pipeline.unlearned(tiny_checkpoint, concept_file, "Paris", "grad_diff", progress=False, **settings)
+    cset = concepts.load(concept_file)
+    tok = models_load_tokenizer(tiny_checkpoint)
+    retain = cset.get(u.retain_concept)
+    van = pipeline.vanilla_qa(tiny_checkpoint, [cset.get("Paris"), retain], u.config.prompt_format,
+                              FAST["max_new_tokens"])
+    data = udata.build(tok, cset.get("Paris"), retain, u.config, qa=van["Paris"], retain_qa=van[retain.label])
+    trained = {int(e.source.split(":")[1]) for e in data.forget if e.source.startswith("qa:")}
+    assert trained == {0}
+    sweep = pipeline.sweep(tiny_checkpoint, u, concept_file, "Paris", experiments=["coef"], layers=[-1],
+                           progress=False)
+    assert set(sweep.question_index) == {1}
+    behaviour = pipeline.behaviour(tiny_checkpoint, concept_file, ["Paris"], ["grad_diff"], settings=settings,
+                                   progress=False)
+    target = behaviour[(behaviour.split == "target") & (behaviour.metric == "rougeL")]
+    assert set(target.n) == {1}  # one scored question, for the vanilla model too
+    relearned = pipeline.relearn(tiny_checkpoint, concept_file, "Paris", "grad_diff", steps=(0,), data="unrelated",
+                                 progress=False, settings=settings)
+    assert set(relearned[relearned.metric == "rougeL"].n) == {1}
+    text_only = pipeline.unlearned(tiny_checkpoint, concept_file, "Paris", "grad_diff", progress=False, **FAST)
+    assert set(pipeline.sweep(tiny_checkpoint, text_only, concept_file, "Paris", experiments=["coef"], layers=[-1],
+                              progress=False).question_index) == {0, 1}  # trained on text: every question
+
+
+def models_load_tokenizer(name):
+    from dissect_unlearning import models
+
+    return models.load_tokenizer(name)

@@ -107,7 +107,7 @@ def unlearned(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: st
 
     def build(folder: Path) -> None:
         qa = {}
-        if config.forget_qa or config.retain_qa:  # the vanilla model's own answers are the forget / retain answers
+        if "qa" in config.forget_data.split("+") or config.retain_qa:  # the vanilla answers are the ones trained on
             qa = vanilla_qa(model, [target, retain], config.prompt_format, config.max_new_tokens, progress)
         artefact.build(folder, model, target, retain, config, qa=qa.get(target.label),
                        retain_qa=qa.get(retain.label), identity=inputs, progress=progress,
@@ -161,10 +161,12 @@ def behaviour(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None
               "expected": cache.key("expected", expected), "max_new_tokens": 30}
     vanilla_model: list = []  # loaded on first need
 
-    def scores(m, tok, c, heldout, generate: bool) -> pd.DataFrame:
+    def scores(m, tok, c, heldout, generate: bool, scored: list[int]) -> pd.DataFrame:
         rows = []
         for split in ("target", "unrelated"):
             v = van[(van.concept == c.label) & (van.kind == split)].sort_values("question_index")
+            if split == "target":
+                v = v[v.question_index.isin(scored)]  # the questions the unlearned model was not trained on
             refs, questions = list(v.answer_text), list(v.question)
             texts = ([a.answer_text for a in prompts.generate_answers(m, tok, questions, fmt, 30, 16)]
                      if generate else refs)
@@ -194,16 +196,17 @@ def behaviour(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None
             overrides.setdefault("prompt_format", fmt)
             u = unlearned(model, cset, c.label, method, progress=progress, **overrides)
             heldout = [h for h in cset if h.name not in (c.name, cset.get(u.retain_concept).name)][:2]
-            place = {"concept": c.content_hash(), "heldout": [h.content_hash() for h in heldout]}
+            scored = scorable(u.config, c)
+            place = {"concept": c.content_hash(), "heldout": [h.content_hash() for h in heldout], "questions": scored}
 
-            def vanilla_scores(c=c, heldout=heldout):
+            def vanilla_scores(c=c, heldout=heldout, scored=scored):
                 if not vanilla_model:
                     vanilla_model.append(models.load(model))
-                return scores(*vanilla_model[0], c, heldout, generate=False)
+                return scores(*vanilla_model[0], c, heldout, generate=False, scored=scored)
 
-            def unlearned_scores(u=u, c=c, heldout=heldout):
+            def unlearned_scores(u=u, c=c, heldout=heldout, scored=scored):
                 m, tok = u.load(shared=True)  # generation and perplexity leave it as it is
-                return scores(m, tok, c, heldout, generate=True)
+                return scores(m, tok, c, heldout, generate=True, scored=scored)
 
             for stage, table in (("vanilla", cached({**common, **place, "stage": "vanilla"}, vanilla_scores)),
                                  ("unlearned", cached({**common, **place, "stage": "unlearned",
@@ -344,10 +347,13 @@ def _pair_table(kind_name: str, compute, vanilla, unlearned, concepts, concept, 
     ans = answers(vanilla, concepts_mod.ConceptSet([c], cset.source), prompt_format=fmt,
                   include_unrelated=(kind == "unrelated"), progress=progress)
     rows = ans[(ans.concept == c.label) & (ans.kind == kind)].sort_values("question_index")
+    if kind == "target" and handle["config"] is not None:  # never a question the model was trained on
+        rows = rows[rows.question_index.isin(scorable(handle["config"], c))]
     if questions is not None:
         rows = rows.head(questions)
     if rows.empty:
-        raise ValueError(f"concept {c.label!r} has no {kind} questions")
+        raise ValueError(f"concept {c.label!r} has no {kind} questions"
+                         + (" it was not trained on" if kind == "target" and handle["config"] is not None else ""))
     texts = [tok.decode(p + a) for p, a in zip(_ids(rows.prompt_ids), _ids(rows.answer_ids))]
     provenance = {
         "vanilla_model": vanilla, "unlearned_model": handle["label"],
@@ -396,6 +402,13 @@ def _refuse_local(unlearned, remote) -> None:
     patching.refuse_local_model(remote, f"the unlearned model {what}")
 
 
+def scorable(config, concept) -> list[int]:
+    """The indices of `concept`'s questions a model unlearned with `config` may be scored on (not trained on)."""
+    from .unlearning.config import scored_questions
+
+    return scored_questions(config, len(concept.questions))
+
+
 def _ids(column) -> list[list[int]]:
     """Token id lists from a parquet column (numpy arrays) as plain Python ints."""
     return [[int(t) for t in x] for x in column]
@@ -408,19 +421,21 @@ def _unlearned_handle(unlearned) -> dict:
                          "pipeline.unlearned, or a loaded (model, tokenizer) tuple)")
     if isinstance(unlearned, (str, Path)):
         name = str(unlearned)
-        return {"label": name, "identity": models.identity(name), "load": lambda: models.load(name)}
+        return {"label": name, "identity": models.identity(name), "load": lambda: models.load(name), "config": None}
     if isinstance(unlearned, tuple) and len(unlearned) == 2:
         model, tok = unlearned
         label = getattr(getattr(model, "config", None), "_name_or_path", "") or "<in-memory model>"
-        return {"label": f"{label} (in memory)", "identity": None, "load": lambda: (model.eval(), tok)}
+        return {"label": f"{label} (in memory)", "identity": None, "load": lambda: (model.eval(), tok),
+                "config": None}
     if callable(getattr(unlearned, "load", None)) and callable(getattr(unlearned, "identity", None)):
         parts = [str(getattr(unlearned, a)) for a in ("model", "concept", "method") if getattr(unlearned, a, None)]
         # Patching and the change measure restore whatever they change (patching.restore): the kept model, uncopied
         load = unlearned.load
         if "shared" in inspect.signature(load).parameters:
             load = functools.partial(load, shared=True)
+        # A model unlearned here says what it trained on: its scores leave those questions out
         return {"label": "/".join(parts) or type(unlearned).__name__, "identity": unlearned.identity(),
-                "load": load}
+                "load": load, "config": getattr(unlearned, "config", None)}
     raise ValueError(f"unlearned: expected a model name or checkpoint folder, a handle with .load() and "
                      f".identity(), or a (model, tokenizer) tuple; got {type(unlearned).__name__}")
 
@@ -482,6 +497,8 @@ def relearn(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: str 
     def build(folder: Path) -> None:
         m, tok = u.load()
         train, scored = relearn_mod.examples(tok, data, target, other, qa, u.config.chunk_tokens, u.config.max_length)
+        allowed = set(scorable(u.config, target))  # never a question unlearning trained on
+        scored = [i for i in scored if i in allowed]
         questions = [target.questions[i] for i in scored]
         refs = [van.answer_text.iloc[i] for i in scored]
 

@@ -31,8 +31,11 @@ class UnlearnConfig:
     # Data
     chunk_tokens: int = 128  # forget / retain text is cut into chunks of this many tokens
     max_length: int = 256  # longest training sequence (question + answer pairs are cut to it)
-    forget_text: bool = True  # train on the concept's forget text (ConceptVectors: the Wikipedia article)
-    forget_qa: bool = True  # ... and on its questions with the vanilla model's answers
+    # What the forget set holds: "text" (the paper's: the concept's forget text, ConceptVectors' Wikipedia article,
+    # in chunks), "qa" (its questions with the vanilla model's answers) or "text+qa". A run that trains on questions
+    # trains on the first half of them only (trained_questions), and the book scores it on the other half: a
+    # model is never scored on a sequence it was trained on.
+    forget_data: str = "text"
     retain_qa: bool = True  # retain also the retain concept's questions with vanilla answers (never one that
     # the forget concept's unrelated questions contain: those are the test of what should be kept)
     retain_concept: str | None = None  # None = another concept of the set, chosen by `seed`
@@ -79,6 +82,10 @@ class UnlearnConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "UnlearnConfig":
+        d = dict(d)
+        if "forget_text" in d or "forget_qa" in d:  # the record of a run made before forget_data existed
+            text, qa = d.pop("forget_text", True), d.pop("forget_qa", True)  # their old defaults
+            d["forget_data"] = "+".join(part for part, on in (("text", text), ("qa", qa)) if on) or "text"
         return cls(**d)
 
     @property
@@ -96,6 +103,22 @@ class UnlearnConfig:
             raise ValueError(f"invalid unlearning settings: epochs={self.epochs} gives {n} steps on a forget set of "
                              f"{n_forget} examples, more than {MAX_STEPS}")
         return n
+
+
+FORGET_DATA = ("text", "qa", "text+qa")
+
+
+def trained_questions(n: int) -> list[int]:
+    """The questions (indices, of n) a run whose forget data includes "qa" trains on: the first half. The book scores
+    such a model on the others only (scored_questions); relearning's 'partial' data is the same half."""
+    return list(range(n // 2))
+
+
+def scored_questions(config: "UnlearnConfig", n: int) -> list[int]:
+    """The questions (indices, of n) the book may score a model unlearned with `config` on: the ones it was not
+    trained on. Every question when its forget data is text only."""
+    trained = set(trained_questions(n)) if "qa" in config.forget_data.split("+") else set()
+    return [i for i in range(n) if i not in trained]
 
 
 # At most this many optimiser steps. A step of the defaults takes about a second for the default model on a CPU, so
@@ -138,16 +161,13 @@ def _problems(c: UnlearnConfig):
         yield f"beta must be a finite number > 0, got {c.beta!r}"
     if not (c.params in ("all", "mlp") or re.fullmatch(r"last_k:[1-9]\d*", str(c.params))):
         yield f"params must be one of 'all', 'mlp', 'last_k:K' (K >= 1), got {c.params!r}"
-    for name in ("forget_text", "forget_qa", "retain_qa"):
-        if not isinstance(getattr(c, name), bool):
-            yield f"{name} must be true or false, got {getattr(c, name)!r}"
-    if c.forget_text is False and c.forget_qa is False:
-        yield "forget_text and forget_qa are both false: the forget set would be empty"
-    if method is not None and method.chosen == "refusal":
-        if c.forget_qa is False:
-            yield f"forget_qa must be true for {c.method} (it answers the concept's questions with the refusal)"
-        if c.forget_text is True:
-            yield f"forget_text must be false for {c.method} (a text chunk has no question to refuse)"
+    if not isinstance(c.retain_qa, bool):
+        yield f"retain_qa must be true or false, got {c.retain_qa!r}"
+    if c.forget_data not in FORGET_DATA:
+        yield f"forget_data must be one of {', '.join(FORGET_DATA)}, got {c.forget_data!r}"
+    elif method is not None and method.chosen == "refusal" and c.forget_data != "qa":
+        yield (f"forget_data must be 'qa' for {c.method} (it answers the concept's questions with the refusal; a "
+               f"text chunk has no question to refuse)")
     if not (isinstance(c.refusal, str) and c.refusal.strip()):
         yield f"refusal must be a non-empty string, got {c.refusal!r}"
     if c.prompt_format not in ("auto", "paper", "chat"):

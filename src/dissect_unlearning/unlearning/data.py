@@ -1,7 +1,8 @@
 """Forget, retain and chosen sets of an unlearning run, as token sequences with per-token loss labels.
 
-As in ConceptVectors: the forget set is the concept's forget text (its Wikipedia article) cut into chunks, here
-optionally plus its questions answered with the vanilla model's own answers (loss on the answer tokens only); the
+As in ConceptVectors: the forget set is the concept's forget text (its Wikipedia article) cut into chunks
+(forget_data "text"), here optionally with (or instead of) the first half of its questions answered with the vanilla
+model's own answers (loss on the answer tokens only; the other half is what the book scores); the
 retain set is the text of one other concept, chosen by seed, repeated to the forget set's length, here optionally
 plus that concept's questions with vanilla answers - except any question the forget concept lists among its
 unrelated questions, which are the test of what unlearning should keep. Example i of the retain set (and of the
@@ -92,21 +93,31 @@ QA = list[tuple[str, list[int], list[int]]]  # (question, prompt_ids, answer_ids
 
 def build(tok, forget, retain, config, qa: QA | None = None, retain_qa: QA | None = None) -> UnlearningData:
     """The data of one run. `qa` / `retain_qa` = the forget / retain concept's questions answered by the vanilla
-    model (needed when config.forget_qa / config.retain_qa)."""
+    model (needed when config.forget_data includes "qa" / config.retain_qa). Of the forget concept's questions only
+    config.trained_questions() are trained on: the others are the ones the book scores."""
+    from .config import trained_questions
+
     if retain.name == forget.name:
         raise ValueError(f"retain concept {retain.label!r} has the forget concept's name {forget.name!r}")
+    parts = config.forget_data.split("+")
     forget_set: list[Example] = []
-    if config.forget_text:
+    if "text" in parts:
         chunks = text_chunks(tok, forget.forget_text, config.chunk_tokens)
         if not chunks:
             raise ValueError(f"concept {forget.label!r}: field 'wikipedia_content' (the forget text) is too short "
                              f"to make a training chunk")
         forget_set += [text_example(c, f"text:{i}") for i, c in enumerate(chunks)]
     qa_set: list[Example] = []
-    if config.forget_qa:
+    trained = trained_questions(len(qa)) if qa is not None else []
+    if "qa" in parts:
         if qa is None:
-            raise ValueError("forget_qa is true but no vanilla answers were given (qa=[(prompt_ids, answer_ids)])")
-        qa_set = [qa_example(p, a, config.max_length, f"qa:{i}") for i, (_, p, a) in enumerate(qa) if a]
+            raise ValueError(f"forget_data {config.forget_data!r} trains on questions, but no vanilla answers were "
+                             f"given (qa=[(question, prompt_ids, answer_ids)])")
+        if not trained:
+            raise ValueError(f"concept {forget.label!r}: forget_data {config.forget_data!r} trains on half of the "
+                             f"questions and scores the other half, which needs at least 2 questions "
+                             f"(it has {len(qa)})")
+        qa_set = [qa_example(qa[i][1], qa[i][2], config.max_length, f"qa:{i}") for i in trained if qa[i][2]]
         if not qa_set:
             raise ValueError(f"concept {forget.label!r}: the vanilla model gave no answer tokens to train on")
     forget_set += qa_set  # a method with refusals as its chosen side has no text here (config checks it)
@@ -140,8 +151,7 @@ def build(tok, forget, retain, config, qa: QA | None = None, retain_qa: QA | Non
         chosen = retain_set  # ConceptVectors' DPO prefers the unrelated text to the forget text
     elif kind == "refusal":
         refusal = tok(config.refusal, add_special_tokens=False)["input_ids"] + _eos(tok)
-        chosen = [qa_example(list(p), refusal, config.max_length, f"idk:{i}")
-                  for i, (_, p, a) in enumerate(qa) if a]
+        chosen = [qa_example(list(qa[i][1]), refusal, config.max_length, f"idk:{i}") for i in trained if qa[i][2]]
     return UnlearningData(forget_set, retain_set, chosen, forget.label, retain.label)
 
 

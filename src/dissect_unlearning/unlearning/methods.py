@@ -73,7 +73,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            colour="#d62728", defaults=dict(lr=1.5e-5, retain_weight=0.0), chosen="retain"),
     Method("idk_dpo", idk_dpo.loss, parts=("forget", "chosen", "retain"), reference=("forget", "chosen"),
            label="DPO (\"I don't know\")", colour="#9467bd",
-           defaults=dict(lr=6e-6, retain_weight=3.0, forget_text=False), chosen="refusal"),
+           defaults=dict(lr=6e-6, retain_weight=3.0, forget_data="qa"), chosen="refusal"),
 )}
 
 

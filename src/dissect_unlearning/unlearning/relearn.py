@@ -20,6 +20,7 @@ import torch
 
 from .. import concepts as concepts_mod, prompts
 from . import data as data_mod
+from .config import trained_questions
 from .logprobs import mean_nll, sequence_logprobs
 from .trainer import recomputed_activations
 
@@ -74,9 +75,9 @@ def examples(tok, kind: str, concept, other, qa, chunk_tokens: int = 128, max_le
     if kind == "partial":
         if n < 2:
             raise ValueError(f"relearning data 'partial' needs at least 2 questions; concept {concept.label!r} has {n}")
-        shown = list(range(n // 2))
+        shown = trained_questions(n)  # the half an unlearning run on questions trains on too
         train = [data_mod.qa_example(qa[i][1], qa[i][2], max_length, f"qa:{i}") for i in shown if qa[i][2]]
-        return train, list(range(n // 2, n))
+        return train, [i for i in range(n) if i not in shown]
     raise ValueError(f"relearning data must be one of {KINDS}, got {kind!r}")
 
 
