@@ -206,3 +206,27 @@ def test_no_profile_scores_a_model_on_a_question_it_was_trained_on():
                 checked += 1
                 with_questions += bool(trained)
     assert checked > 50 and with_questions > 10  # the variant that trains on questions was checked too
+
+
+def test_seeds_make_one_unlearned_model_each_for_the_concepts_studied_in_depth():
+    from dissect_unlearning import precompute
+
+    params = {"concepts": ["Harry Potter", "Austria"], "methods": ["grad_diff"], "beyond_concepts": ["Harry Potter"]}
+    with planning() as a:  # a study built inside the block plans (outside it, it computes)
+        Study.from_params(params).sweeps(["coef"])
+    with planning() as b:
+        three = Study.from_params({**params, "seeds": [0, 1, 2]})
+        three.sweeps(["coef"])
+    assert three.runs() == [("Harry Potter", "grad_diff", 0), ("Harry Potter", "grad_diff", 1),
+                            ("Harry Potter", "grad_diff", 2), ("Austria", "grad_diff", 0)]
+    assert set(a) < set(b) and len(b) == 4  # seed 0 asks for exactly what a study without seeds asks for
+    contexts = {json.loads(r.context)["unlearning"].get("seed") for r in b}
+    assert contexts == {None, 1, 2}
+    tasks = {}
+    for r in b:
+        tasks.setdefault((r.concept, r.context), []).append(r)
+    assert len(tasks) == 4  # one task (one unlearned model) per seed
+    labels = sorted(precompute.Task(r.model, r.concept, r.method, r.context).label for r in b)
+    assert labels[-1].endswith("seed 2")
+    with pytest.raises(ValueError, match="seeds must be a non-empty list of distinct"):
+        Study.from_params({**params, "seeds": [1, 1]})

@@ -56,7 +56,9 @@ class Task:
 
     @property
     def label(self) -> str:
-        return f"{self.model}" + (f" / {self.concept} / {self.method}" if self.concept else " (vanilla answers)")
+        seed = json.loads(self.context).get("unlearning", {}).get("seed")
+        return (f"{self.model}" + (f" / {self.concept} / {self.method}" if self.concept else " (vanilla answers)")
+                + (f" / seed {seed}" if seed else ""))
 
     def split(self) -> tuple["Task | None", "Task | None"]:
         """(its training stages, the rest) as two tasks of the same model; None where a part is empty."""

@@ -31,7 +31,7 @@ DEFAULTS: dict = {
     "n_unrelated": None, "prompt_format": "auto", "max_new_tokens": 30, "methods": ["grad_diff"], "unlearning": {},
     "window": 5, "layers": None, "alignment": "answer", "remote": False, "device": None, "dtype": None,
     "beyond_concepts": None, "relearn_steps": [0, 2, 4, 8], "relearn_data": ["unrelated", "partial"],
-    "relearn_lr": 1e-5, "second_model": None, "second_concepts": None, "second_methods": None,
+    "relearn_lr": 1e-5, "second_model": None, "second_concepts": None, "second_methods": None, "seeds": [0],
 }
 # The parameters that decide what an unlearned model is (with the model, concept and method): requests that agree
 # on them share the unlearned model, so the precompute stage groups them into one task.
@@ -147,6 +147,10 @@ class Study:
             raise ValueError(f"relearn_data must be a list of: {', '.join(RELEARN_DATA)}; got {p['relearn_data']!r}")
         for d in p["relearn_data"]:
             _check_choice(d, "relearn_data", RELEARN_DATA)
+        seeds = p["seeds"]
+        if not (isinstance(seeds, (list, tuple)) and seeds and all(validate.int_in_range(x, 0) for x in seeds)
+                and len(set(seeds)) == len(seeds)):
+            raise ValueError(f"seeds must be a non-empty list of distinct integers >= 0, got {seeds!r}")
         if not (validate.is_number(p["relearn_lr"]) and 0 < p["relearn_lr"] < 1):
             raise ValueError(f"relearn_lr must be a finite number in (0, 1), got {p['relearn_lr']!r}")
         # Every stage past the vanilla answers reads a model unlearned here, which NDIF cannot have
@@ -209,6 +213,13 @@ class Study:
             raise ValueError(f"pairs: unknown scope {scope!r}; valid: all, beyond")
         return [(c, m) for c in names for m in self.methods]
 
+    def runs(self, scope: str = "all") -> list[tuple[str, str, int]]:
+        """(concept, method, seed) of every unlearned model in `scope`: each seed of `seeds` for the pairs of
+        beyond_concepts (the concepts studied in depth), the first seed for the others."""
+        seeds = list(self.params["seeds"])
+        deep = {c for c, _ in self.pairs("beyond")}
+        return [(c, m, s) for c, m in self.pairs(scope) for s in (seeds if c in deep else seeds[:1])]
+
     def second_family(self) -> "Study | None":
         """The same study on `second_model` (its own concepts and methods when set), or None when unset."""
         p = self.params
@@ -221,7 +232,15 @@ class Study:
 
     @property
     def context(self) -> str:
-        return cache.canonical_json({k: self.params[k] for k in CONTEXT})
+        return self._context(None)
+
+    def _context(self, seed: int | None) -> str:
+        """The CONTEXT parameters as canonical JSON; a run's seed, when it is not the settings' own, joins its
+        unlearning settings (so each seed is an unlearned model, and a task, of its own)."""
+        values = {k: self.params[k] for k in CONTEXT}
+        if seed is not None and seed != values["unlearning"].get("seed", 0):
+            values["unlearning"] = {**values["unlearning"], "seed": seed}
+        return cache.canonical_json(values)
 
     # ---------------------------------------------------------------------------------------------------------------
     # The tables a chapter asks for
@@ -234,8 +253,8 @@ class Study:
     def training(self, scope: str = "all") -> pd.DataFrame:
         """The loss curve of every unlearning run (TRAINING_COLUMNS; train_seconds = the run's training time)."""
         frames = []
-        for c, m in self.pairs(scope):
-            u = self._call("unlearned", c, m)
+        for c, m, seed in self.runs(scope):
+            u = self._call("unlearned", c, m, seed=seed)
             if u is not None:
                 frames.append(u.loss_curve.assign(concept=c, method=m, seed=u.config.seed,
                                                   train_seconds=u.train_seconds))
@@ -282,15 +301,15 @@ class Study:
     # ---------------------------------------------------------------------------------------------------------------
     def _pairs_table(self, stage: str, scope: str, columns: list, **options) -> pd.DataFrame:
         frames = []
-        for c, m in self.pairs(scope):
-            table = self._call(stage, c, m, **options)
+        for c, m, seed in self.runs(scope):
+            table = self._call(stage, c, m, seed=seed, **options)
             if table is not None:
                 frames.append(table)
         return _concat(frames, list(dict.fromkeys(columns + _PAIR_COLUMNS)))
 
-    def _call(self, stage: str, concept, method, empty=None, **options):
+    def _call(self, stage: str, concept, method, empty=None, seed: int | None = None, **options):
         request = Request(stage, self.model, concept, method,
-                          tuple(sorted((k, cache.canonical_json(v)) for k, v in options.items())), self.context)
+                          tuple(sorted((k, cache.canonical_json(v)) for k, v in options.items())), self._context(seed))
         if self.plan is not None:
             if request not in self.plan:
                 self.plan.append(request)
@@ -301,17 +320,18 @@ class Study:
         """Compute one request (cached): the only place where a study calls the pipeline."""
         p, kw = self.params, request.kwargs
         fmt, cset = p["prompt_format"], self.concept_set
+        unlearning = request.params["unlearning"]  # the study's settings, with the run's seed
         if request.stage == "answers":
             return pipeline.answers(request.model, cset, select=kw["select"], prompt_format=fmt,
                                     max_new_tokens=kw["max_new_tokens"], include_unrelated=kw["include_unrelated"],
                                     progress=self.progress)
         u = pipeline.unlearned(request.model, cset, request.concept, request.method, progress=self.progress,
-                               prompt_format=fmt, **p["unlearning"])
+                               prompt_format=fmt, **unlearning)
         if request.stage == "unlearned":
             return u
         if request.stage == "behaviour":
             table = pipeline.behaviour(request.model, cset, select=[request.concept], methods=[request.method],
-                                       prompt_format=fmt, settings=p["unlearning"], progress=self.progress)
+                                       prompt_format=fmt, settings=unlearning, progress=self.progress)
         elif request.stage == "sweep":
             table = pipeline.sweep(request.model, u, cset, request.concept, prompt_format=fmt,
                                    progress=self.progress, **kw).assign(method=request.method)
@@ -320,7 +340,7 @@ class Study:
                                          progress=self.progress, **kw).assign(method=request.method)
         elif request.stage == "relearn":
             table = pipeline.relearn(request.model, cset, request.concept, request.method, prompt_format=fmt,
-                                     settings=p["unlearning"], progress=self.progress, **kw)
+                                     settings=unlearning, progress=self.progress, **kw)
         else:
             raise ValueError(f"unknown study stage {request.stage!r}; valid: {', '.join(STAGES)}")
         return table.assign(seed=u.config.seed)

@@ -137,6 +137,13 @@ def _relearn_data(v):
     raise ValueError("not a list of relearning data kinds")
 
 
+def _seeds(v):
+    v = [v] if validate.is_int(v) else v
+    if isinstance(v, (list, tuple)) and v and all(validate.int_in_range(x, 0) for x in v) and len(set(v)) == len(v):
+        return list(v)
+    raise ValueError("not a non-empty list of distinct seeds")
+
+
 def _learning_rate(v):
     if validate.is_number(v) and 0 < v < 1:
         return float(v)
@@ -186,6 +193,8 @@ PARAMETERS: dict[str, ParamSpec] = {
                         + validate.DEVICES[-1], validate.check_device),
     "dtype": ParamSpec("null (the model's default) or one of " + ", ".join(validate.DTYPES), validate.check_dtype),
     "seed": ParamSpec("an integer >= 0", _int(0)),
+    "seeds": ParamSpec("a non-empty list of distinct integers >= 0: the unlearning seeds of each (concept, method) of "
+                       "beyond_concepts, one unlearned model per seed (the other pairs use the first seed)", _seeds),
     "second_concepts": ParamSpec("null (the same concepts as the first model), 'all', N (the first N concepts of "
                                  "the set) or a list of concept names", _concept_selection(none_ok=True)),
     "second_methods": ParamSpec(lambda: "null (the same methods as the first model) or a non-empty list of "
