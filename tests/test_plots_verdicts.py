@@ -485,3 +485,44 @@ def test_show_saves_an_svg_where_the_build_says(tmp_path, monkeypatch):
     assert svg.startswith("<svg") and "accuracy per concept" in svg and "95% interval" in svg
     with pytest.raises(ValueError, match="chart name"):
         plots.show(plots.accuracy_by_concept(answers_table([True])), "../escape")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# verdicts against the control fine-tune
+# ------------------------------------------------------------------------------------------------------------------
+def with_control(table, control):
+    """A table of the unlearning methods plus the control's rows (the grad_diff rows of `control`, renamed)."""
+    ctl = control[control["method"] == "grad_diff"].assign(method="control")
+    return pd.concat([table, ctl], ignore_index=True)
+
+
+def test_change_beyond_control_three_ways():
+    abc = ("A", "B", "C", "D")
+    unlearning = change_table(peak_layer=5, concepts=abc)
+    three_way(verdicts.change_beyond_control(with_control(unlearning, change_table(peak_layer=1, concepts=abc))),
+              verdicts.change_beyond_control(with_control(unlearning, change_table(peak_layer=5, concepts=abc))),
+              verdicts.change_beyond_control(with_control(change_table(peak_layer=5, concepts=abc, noise=0.2),
+                                                          change_table(peak_layer=5, concepts=abc, noise=0.2,
+                                                                       seed=3))))
+    v = verdicts.change_beyond_control(with_control(unlearning, change_table(peak_layer=1, concepts=abc)))
+    assert v.evidence["control_late_share"] == pytest.approx(0.15 / 0.75)  # three 0.05 layers of 0.5 + 5 x 0.05
+    with pytest.raises(ValueError, match="no rows of the control"):
+        verdicts.change_beyond_control(unlearning)
+
+
+def test_behaviour_verdicts_against_the_control_three_ways():
+    abcd = dict(concepts=("A", "B", "C", "D"))
+    unl = behaviour_table(unrelated_after=0.6, perplexity_after=15.0, **abcd)
+    calm = behaviour_table(unrelated_after=0.98, perplexity_after=10.1, **abcd)
+    wide = dict(concepts=("A", "B", "C", "D"), spread=0.3)
+    three_way(verdicts.side_effects_beyond_control(with_control(unl, calm)),
+              verdicts.side_effects_beyond_control(with_control(unl, unl)),
+              verdicts.side_effects_beyond_control(with_control(behaviour_table(unrelated_after=0.8, **wide),
+                                                                behaviour_table(unrelated_after=0.8, seed=5, **wide))))
+    three_way(verdicts.perplexity_beyond_control(with_control(unl, calm)),
+              verdicts.perplexity_beyond_control(with_control(unl, unl)),
+              verdicts.perplexity_beyond_control(with_control(behaviour_table(perplexity_after=12.0, **wide),
+                                                              behaviour_table(perplexity_after=12.0, seed=5,
+                                                                              **wide))))
+    v = verdicts.side_effects_beyond_control(with_control(unl, calm))
+    assert v.evidence["difference"] == pytest.approx(0.4 - 0.02) and "control" in v.sentence

@@ -27,7 +27,8 @@ def test_one_task_per_unlearned_model_and_it_trains_first():
     prof = book.load_profile("default", ROOT).parameters
     pairs = [(t.model, t.concept, t.method) for t in todo if t.concept]
     assert len(pairs) == len(set(pairs))  # each unlearned model in exactly one task
-    main = {("smollm2-135m", c, m) for c in prof["concepts"] for m in prof["methods"]}
+    # the chapters' unlearned models, and the control fine-tune of each concept (chapters 6 and 7)
+    main = {("smollm2-135m", c, m) for c in prof["concepts"] for m in [*prof["methods"], "control"]}
     second = {(prof["second_model"], c, m) for c in prof["second_concepts"] for m in prof["second_methods"]}
     assert set(pairs) == main | second
     for t in todo:
@@ -67,8 +68,8 @@ def test_tasks_follow_the_chapters_parameters():
 def test_parameter_overrides_reach_the_tasks_and_remote_chapters_are_left_alone():
     todo = precompute.tasks(plan(overrides={"methods": ["npo"], "concepts": ["Austria"], "window": 3,
                                             "beyond_concepts": None, "second_model": None}))
-    assert {(t.concept, t.method) for t in todo if t.concept} == {("Austria", "npo")}
-    (t,) = [t for t in todo if t.concept]
+    assert {(t.concept, t.method) for t in todo if t.concept} == {("Austria", "npo"), ("Austria", "control")}
+    (t,) = [t for t in todo if t.concept and t.method == "npo"]
     assert {kw.get("window") for kw in stages(t, "sweep") if kw["layers"] is None} == {3}
     assert stages(t, "relearn")  # beyond_concepts None: every chosen concept
     with pytest.raises(book.BookError, match="vanilla model with itself"):  # refused before any planning

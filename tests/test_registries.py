@@ -269,14 +269,14 @@ def test_registering_a_method_checks_the_entry(toy_method):
     with pytest.raises(ValueError, match="not UnlearnConfig settings"):
         unlearning.register_method(methods.Method("typo", sequence_weighted_ascent, parts=("forget",), reference=(),
                                                label="x", colour="#000000", defaults={"learning_rate": 1e-5}))
-    assert list(methods.REGISTRY) == ["grad_ascent", "grad_diff", "npo", "dpo", "idk_dpo", "toy"]
+    assert list(methods.REGISTRY) == ["grad_ascent", "grad_diff", "npo", "dpo", "idk_dpo", "control", "toy"]
 
 
 def test_after_the_tests_only_the_built_in_entries_are_registered():
     assert list(experiments.EXPERIMENTS) == ["coef", "attn", "coef+attn", "value", "key", "mlp", "layer"]
     assert list(sites.SITES) == ["coef", "attn"]
     assert list(experiments.PARAMETER_SETS) == ["value", "key", "mlp", "layer"]
-    assert unlearning.METHODS == ("grad_ascent", "grad_diff", "npo", "dpo", "idk_dpo")
+    assert unlearning.METHODS == ("grad_ascent", "grad_diff", "npo", "dpo", "idk_dpo", "control")
     assert "toy" not in plots.method_colours()
     with pytest.raises(SystemExit):  # argparse: invalid choice
         cli.build_parser().parse_args(["unlearn", "--concept", "harry potter", "--method", "toy"])

@@ -123,7 +123,10 @@ def test_a_step_on_each_loss_lowers_it_and_raises_the_forget_nll(tiny_llama, cse
                 p -= 1e-2 * p.grad
     after = mod.loss(model, batch, ref, **hyper)
     assert after.loss.item() < before.loss.item()
-    assert after.forget_nll.item() > nll_before  # every method makes the forget answers less likely
+    if mod.text == "unrelated":  # the control learns its (unrelated) text
+        assert after.forget_nll.item() < nll_before
+    else:  # every unlearning method makes the forget answers less likely
+        assert after.forget_nll.item() > nll_before
 
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -619,3 +622,48 @@ def models_load_tokenizer(name):
     from dissect_unlearning import models
 
     return models.load_tokenizer(name)
+
+
+# ---------------------------------------------------------------------------------------------------- the control
+def test_the_control_loss_is_the_plain_lm_loss_on_its_text_plus_the_retain_term(tiny_llama, cset):
+    from dissect_unlearning.unlearning import control
+
+    model, tok = tiny_llama
+    cfg, data = tiny_data(tok, cset, "control")
+    batch = batch_of(data, ("forget", "retain"), [0, len(data.forget) - 1], tok.pad_token_id)
+    f, r = hand_nll(model, batch["forget"]), hand_nll(model, batch["retain"])
+    assert control.loss(model, batch, retain_weight=1.5).loss.item() == pytest.approx(f + 1.5 * r, rel=1e-5)
+    with pytest.raises(ValueError, match="forget_data must be 'text' for control"):
+        UnlearnConfig.for_method("control", forget_data="text+qa")
+
+
+def test_the_control_learns_an_unrelated_concepts_text_with_the_targets_retain_data(tiny_checkpoint, tmp_path):
+    """Same retain concept and settings as the target's unlearning; the forget text is another concept's, one that
+    is neither retained nor read as held-out text, and whose text gives away none of the target's answers."""
+    extra = {"Zelda": "zelda is a princess . link has a sword . hyrule is a kingdom . " * 3,
+             "Tetris": "tetris has falling blocks . a full row is cleared . it came from moscow . " * 3}
+    recs = records() + [{**records()[0], "Concept": name, "Dim": 10 + i, "QA": [f"who is {name}?", f"what is {name}?"],
+                         "QA_answers": [[name], [name]], "wikipedia_content": text}
+                        for i, (name, text) in enumerate(extra.items())]
+    recs[-1]["wikipedia_content"] += " harry potter . "  # Tetris' text names the target's answer: passed over
+    path = tmp_path / "six.json"
+    path.write_text(json.dumps(recs))
+    cset6 = concepts.load(str(path))
+    ctl = pipeline.unlearned(tiny_checkpoint, str(path), "Harry Potter", "control", progress=False,
+                             **{**FAST, "steps": 4, "lr": 1e-3})
+    gd = pipeline.unlearned(tiny_checkpoint, str(path), "Harry Potter", "grad_diff", progress=False, **FAST)
+    hp = cset6.get("Harry Potter")
+    retain = cset6.get(ctl.retain_concept)
+    assert ctl.retain_concept == gd.retain_concept and ctl.concept == "Harry Potter"
+    held = {h.name for h in pipeline.heldout_concepts(cset6, hp, retain)}
+    text_of = {c.content_hash(): c.name for c in cset6}
+    chosen = text_of[ctl.identity()["text_concept"]]
+    assert chosen not in held | {"Harry Potter", retain.name, "Tetris"}
+    assert "text_concept" not in gd.identity()
+    # the run trained on that text: its NLL went down, where unlearning's forget NLL goes up
+    curve = ctl.loss_curve
+    assert curve["forget_loss"].iloc[-1] < curve["forget_loss"].iloc[0]
+    with pytest.raises(ValueError, match="control fine-tune of 'Harry Potter'.*no other"):
+        four = tmp_path / "four.json"
+        four.write_text(json.dumps(records()))
+        pipeline.unlearned(tiny_checkpoint, str(four), "Harry Potter", "control", progress=False, **FAST)

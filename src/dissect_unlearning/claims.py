@@ -121,6 +121,13 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           None, 0.0, "this book: 'the last layers' read as the last 3; the largest mean change there minus the "
                      "largest elsewhere must be above 0",
           check="largest_change_in_last_layers"),
+    Claim("last_change_control", "Is that concentration unlearning's own, or would any fine-tune show it?",
+          "Unlearning concentrates its change of the MLP coefficients in the last layers more than a control "
+          "fine-tune (the same optimiser, steps and retain data, an unrelated concept's text learned) does.",
+          "this book", "a control for the claim above: activation changes grow with depth in any fine-tune",
+          None, 0.0, "this book: the last 3 layers' share of the summed change, unlearning's minus the control's, "
+                     "must be above 0",
+          check="change_beyond_control"),
     # Chapter 7
     Claim("side_unrelated", "Does unlearning one concept also lower the answers to unrelated questions?",
           "Unlearning one concept also lowers the ROUGE-L of the answers to unrelated questions by 10% or more, for "
@@ -134,6 +141,17 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           "paper", f"{CLAIM_PARAGRAPH}: unlearning disturbs general behaviour too",
           None, 1.05, "this book: 5% higher perplexity, our reading of 'disturbs general behaviour'",
           check="perplexity_rises"),
+    Claim("side_unrelated_control", "Is that drop unlearning's own, or would any fine-tune cause it?",
+          "Unlearning lowers the ROUGE-L of the answers to unrelated questions more than a control fine-tune (the "
+          "same optimiser, steps and retain data, an unrelated concept's text learned) does, for some method.",
+          "this book", "a control for the claim above: any fine-tune moves a model's answers",
+          None, 0.0, "this book: the strongest method's relative drop minus the control's must be above 0",
+          check="side_effects_beyond_control"),
+    Claim("side_perplexity_control", "Is a rise in perplexity unlearning's own, or would any fine-tune cause it?",
+          "Unlearning raises the perplexity of held-out text more than a control fine-tune does, for some method.",
+          "this book", "a control for the claim above",
+          None, 1.0, "this book: the largest perplexity ratio divided by the control's must be above 1",
+          check="perplexity_beyond_control"),
     Claim("side_restore", "Does restoring the last layer's coefficients bring back the unrelated answers too?",
           "Restoring the last layer's MLP coefficients brings back half or more of the unrelated answers' vanilla "
           "output (KRS 0.5 or more).",

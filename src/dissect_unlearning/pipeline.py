@@ -4,6 +4,7 @@ Notebooks call this module (plus `plots` and `verdicts`) and nothing deeper.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from pathlib import Path
@@ -88,7 +89,8 @@ def unlearned(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: st
     .size_bytes, .train_seconds. Two processes asking for the same model train it once (a lock); an interrupted run
     leaves no entry.
     """
-    from .unlearning import UnlearnConfig, artefact, data as unlearning_data
+    from .unlearning import UnlearnConfig, artefact, data as unlearning_data, methods as methods_mod
+    from .unlearning import relearn as relearn_mod
 
     cset = concepts if isinstance(concepts, concepts_mod.ConceptSet) else load_concepts(concepts)
     target = cset.get(concept)
@@ -102,6 +104,20 @@ def unlearned(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: st
         "method": config.method,
         "settings": config.to_dict(),
     }
+    forget = target
+    if methods_mod.get(method).text == "unrelated":
+        # The control fine-tune: the target's retain data, and in place of the target's own text that of a concept
+        # that gives away none of the target's answers (chosen as relearning's unrelated text is) and that the
+        # held-out perplexity does not read (a text the control learned would make it look harmless there)
+        used = {target.name, retain.name, *(h.name for h in heldout_concepts(cset, target, retain))}
+        candidates = [c for c in cset if c.name not in used]
+        if not candidates:
+            raise ValueError(f"method {method!r}: the control fine-tune of {target.label!r} learns the text of a concept "
+                             f"that is neither the target, its retain concept nor a held-out text "
+                             f"({', '.join(sorted(used))}); the concept set has no other")
+        source, _ = relearn_mod.unrelated_concept(target, candidates)
+        forget = dataclasses.replace(target, forget_text=source.forget_text)
+        inputs["text_concept"] = source.content_hash()
 
     trained: list = []
 
@@ -109,7 +125,7 @@ def unlearned(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: st
         qa = {}
         if "qa" in config.forget_data.split("+") or config.retain_qa:  # the vanilla answers are the ones trained on
             qa = vanilla_qa(model, [target, retain], config.prompt_format, config.max_new_tokens, progress)
-        artefact.build(folder, model, target, retain, config, qa=qa.get(target.label),
+        artefact.build(folder, model, forget, retain, config, qa=qa.get(target.label),
                        retain_qa=qa.get(retain.label), identity=inputs, progress=progress,
                        trained=trained if artefact.keeping() else None)
 
@@ -195,7 +211,7 @@ def behaviour(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None
             overrides = _method_settings(settings, method)
             overrides.setdefault("prompt_format", fmt)
             u = unlearned(model, cset, c.label, method, progress=progress, **overrides)
-            heldout = [h for h in cset if h.name not in (c.name, cset.get(u.retain_concept).name)][:2]
+            heldout = heldout_concepts(cset, c, cset.get(u.retain_concept))
             scored = scorable(u.config, c)
             place = {"concept": c.content_hash(), "heldout": [h.content_hash() for h in heldout], "questions": scored}
 
@@ -217,6 +233,12 @@ def behaviour(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None
                                      versions=cache.canonical_json(u.record["versions"]))
                 frames.append(table[BEHAVIOUR_COLUMNS])
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=BEHAVIOUR_COLUMNS)
+
+
+def heldout_concepts(cset, concept, retain) -> list:
+    """The concepts whose forget texts behaviour() measures held-out perplexity on: the first two of the set that are
+    neither the forgotten nor the retained concept."""
+    return [h for h in cset if h.name not in (concept.name, retain.name)][:2]
 
 
 def _methods() -> tuple[str, ...]:

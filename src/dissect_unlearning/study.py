@@ -230,6 +230,16 @@ class Study:
                       "methods": p["second_methods"] or p["methods"], "second_model": None},
                      plan=self.plan, progress=self.progress, _cset=self._cset)
 
+    def control(self) -> "Study":
+        """The same study with the control fine-tune (unlearning/control.py) as its only method, first seed only: a
+        model trained as the unlearned ones were but on an unrelated concept's text, for a chapter to hold its
+        findings against ("would any fine-tune do that too?"). The study's unlearning settings apply (the same
+        optimiser and steps), except that the control's forget data is text whatever the study's forget_data."""
+        p = self.params
+        return Study({**p, "methods": ["control"], "seeds": list(p["seeds"])[:1], "second_model": None,
+                      "unlearning": {**p["unlearning"], "forget_data": "text"}},
+                     plan=self.plan, progress=self.progress, _cset=self._cset)
+
     @property
     def context(self) -> str:
         return self._context(None)

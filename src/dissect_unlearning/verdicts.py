@@ -538,6 +538,69 @@ def largest_change_in_last_layers(change: pd.DataFrame, quantity: str = "coef", 
     return _verdict(c, status, diff, interval, evidence, body, rep.level, ".3g")
 
 
+CONTROL = "control"  # the method name of the control fine-tune (unlearning/control.py)
+
+
+def _split_control(table: pd.DataFrame, control: str, what: str) -> list[str]:
+    """The unlearning methods of a table that also holds the control's rows; a clear error when either is missing."""
+    methods = [m for m in dict.fromkeys(table["method"]) if m != control]
+    if control not in set(table["method"]):
+        raise ValueError(f"{what}: the table has no rows of the control {control!r} (concatenate the control "
+                         f"study's table: study.control())")
+    if not methods:
+        raise ValueError(f"{what}: the table has only the control's rows; add the unlearning methods' rows")
+    return methods
+
+
+def change_beyond_control(change: pd.DataFrame, quantity: str = "coef", last: int = 3, value: str = "rel_change",
+                          control: str = CONTROL, claim=None, n_boot: int = uncertainty.N_BOOT,
+                          seed: int = uncertainty.SEED) -> Verdict:
+    """Unlearning concentrates its change of `quantity` in the last `last` layers more than a control fine-tune does.
+
+    Activation changes grow with depth in any fine-tune, so where the change is largest says little on its own. The
+    statistic is the share of the summed per-layer change that falls in the last `last` layers, averaged over the
+    unlearning methods, minus the same share for the control (whose rows the table holds, method `control`). The
+    bootstrap resamples concepts, the same draws for every method and the control (a paired comparison). Holds when
+    the whole interval is above 0, does not hold when it is at or below 0.
+    """
+    what = "change_beyond_control"
+    require_columns(change, ["concept", "method", "layer", "quantity", value], what)
+    df = change[change["quantity"] == quantity]
+    if df.empty:
+        have = ", ".join(map(str, change["quantity"].unique()))
+        raise ValueError(f"{what}: no rows for quantity {quantity!r}; the table has: {have}")
+    methods = _split_control(df, control, what)
+    statement = (f"Unlearning concentrates its change of {_what(quantity)} in the last {last} layers more than a "
+                 f"control fine-tune does")
+    c, threshold = _resolve(claim, what, statement, None, 0.0)
+    rep = uncertainty.replicate_means(df, value, ["method", "layer"], ("concept",), None, n_boot=n_boot, seed=seed)
+    layer = rep.keys["layer"].astype(int).to_numpy()
+    method = rep.keys["method"].to_numpy()
+    n_layers = int(layer.max()) + 1
+    if last >= n_layers:
+        return _undecided(c, f"The model has {n_layers} layers, all among the last {last}: nothing to compare with.")
+    late = layer >= n_layers - last
+
+    def share(values, m):  # values [..., C] -> the share of method m's change in the late layers
+        mine = method == m
+        total = np.nansum(values[..., mine], axis=-1)
+        with np.errstate(all="ignore"):
+            return np.nansum(values[..., mine & late], axis=-1) / total
+
+    shares = {m: share(rep.estimate, m) for m in [*methods, control]}
+    draws = np.mean([share(rep.draws, m) for m in methods], axis=0) - share(rep.draws, control)
+    diff = float(np.mean([shares[m] for m in methods]) - shares[control])
+    interval = _interval_of(rep, draws)
+    status = _decide(interval, threshold, "above")
+    evidence = {f"{m}_late_share": float(v) for m, v in shares.items()}
+    evidence["difference"] = diff
+    parts = "; ".join(f"{m} {shares[m]:.0%}" for m in methods)
+    body = (f"Share of the change of {_what(quantity)} in the last {last} layers ({n_layers - last}-{n_layers - 1}) "
+            f"of {n_layers}: {parts}; the control fine-tune {shares[control]:.0%}. Unlearning's share minus the "
+            f"control's is {with_interval(diff, interval, '.2f', '')}, {_against(status, interval, threshold, 'above')}.")
+    return _verdict(c, status, diff, interval, evidence, body, rep.level)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Behaviour tables (pipeline.behaviour): one row per (concept, method, stage, split, metric), no question level
 # --------------------------------------------------------------------------------------------------------------------
@@ -687,6 +750,70 @@ def perplexity_rises(behaviour: pd.DataFrame, split: str = "heldout_text", min_r
     body = (f"Perplexity on {_split(split)}: {parts}. The largest rise ({strongest}) is a factor of "
             f"{with_interval(est, interval, missing='')}, {_against(status, interval, threshold, 'at least')}.")
     return _verdict(c, status, est, interval, evidence, body, _interval_words(rep))
+
+
+def _control_rows(behaviour, split, metric, effect, control, what, n_boot, seed):
+    """(rows of the unlearning methods, the control's row, rep): the control's rows are in the same table, so its
+    concepts are resampled with the same draws as the methods' (a paired comparison)."""
+    _split_control(behaviour, control, what)
+    rows, rep = _stage_effect(behaviour, split, metric, effect, n_boot, seed)
+    return {m: r for m, r in rows.items() if m != control}, rows[control], rep
+
+
+def side_effects_beyond_control(behaviour: pd.DataFrame, split: str = "unrelated", metric: str = "rougeL",
+                                control: str = CONTROL, claim=None, n_boot: int = uncertainty.N_BOOT,
+                                seed: int = uncertainty.SEED) -> Verdict:
+    """Unlearning lowers the score on `split` more than a control fine-tune of the same budget does, for some method.
+
+    The statistic is the strongest method's relative drop minus the control's (the table holds the control's rows,
+    method `control`); concepts are resampled with the same draws for all. Holds when the whole interval is above 0.
+    """
+    what = "side_effects_beyond_control"
+    statement = (f"Unlearning lowers the {_metric(metric)} on {_split(split)} more than a control fine-tune does "
+                 f"(for some method)")
+    c, threshold = _resolve(claim, what, statement, None, 0.0)
+    rows, ctl, rep = _control_rows(behaviour, split, metric, _relative_drop, control, what, n_boot, seed)
+    strongest, est, draws = _extreme(rows, weakest=False)
+    diff, draws = est - float(ctl[2]), draws - ctl[3]
+    interval = _interval_of(rep, draws)
+    status = _decide(interval, threshold, "above")
+    evidence = {f"{m}_relative_drop": float(r[2]) for m, r in rows.items()}
+    evidence.update({"control_relative_drop": float(ctl[2]), "strongest_method": strongest, "difference": diff})
+    body = (f"{_metric(metric)} on {_split(split)}: {_per_method_text(rows, rep, '.0%', suffix=' lower')}; the "
+            f"control fine-tune {ctl[0]:.2f} -> {ctl[1]:.2f} ({with_interval(ctl[2], _interval_of(rep, ctl[3]), '.0%', '')} "
+            f"lower). The strongest drop ({strongest}) minus the control's is "
+            f"{with_interval(diff, interval, '.0%', '')}, {_against(status, interval, threshold, 'above', '.0%')}.")
+    return _verdict(c, status, diff, interval, evidence, body, _interval_words(rep), ".0%")
+
+
+def perplexity_beyond_control(behaviour: pd.DataFrame, split: str = "heldout_text", control: str = CONTROL,
+                              claim=None, n_boot: int = uncertainty.N_BOOT, seed: int = uncertainty.SEED) -> Verdict:
+    """Unlearning raises perplexity on `split` more than a control fine-tune does, for some method.
+
+    The statistic is the largest (unlearned / vanilla) perplexity ratio over methods divided by the control's ratio;
+    concepts are resampled with the same draws for all. Holds when the whole interval is above 1.
+    """
+    what = "perplexity_beyond_control"
+    statement = f"Unlearning raises perplexity on {_split(split)} more than a control fine-tune does (for some method)"
+    c, threshold = _resolve(claim, what, statement, None, 1.0)
+
+    def ratio(vanilla, unlearned):
+        vanilla = np.asarray(vanilla, dtype=float)
+        return np.where(vanilla > 0, unlearned / np.where(vanilla > 0, vanilla, 1.0), np.nan)
+
+    rows, ctl, rep = _control_rows(behaviour, split, "perplexity", ratio, control, what, n_boot, seed)
+    strongest, est, draws = _extreme(rows, weakest=False)
+    with np.errstate(all="ignore"):
+        rel, draws = est / float(ctl[2]), draws / ctl[3]
+    interval = _interval_of(rep, draws)
+    status = _decide(interval, threshold, "above")
+    evidence = {f"{m}_ratio": float(r[2]) for m, r in rows.items()}
+    evidence.update({"control_ratio": float(ctl[2]), "strongest_method": strongest, "relative_to_control": rel})
+    body = (f"Perplexity on {_split(split)}: {_per_method_text(rows, rep, '.2f', prefix='x')}; the control "
+            f"fine-tune x{with_interval(ctl[2], _interval_of(rep, ctl[3]), missing='')}. The largest rise "
+            f"({strongest}) relative to the control's is a factor of {with_interval(rel, interval, missing='')}, "
+            f"{_against(status, interval, threshold, 'above')}.")
+    return _verdict(c, status, rel, interval, evidence, body, _interval_words(rep))
 
 
 # --------------------------------------------------------------------------------------------------------------------

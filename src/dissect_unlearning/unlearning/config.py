@@ -168,6 +168,9 @@ def _problems(c: UnlearnConfig):
     elif method is not None and method.chosen == "refusal" and c.forget_data != "qa":
         yield (f"forget_data must be 'qa' for {c.method} (it answers the concept's questions with the refusal; a "
                f"text chunk has no question to refuse)")
+    elif method is not None and method.text == "unrelated" and c.forget_data != "text":
+        yield (f"forget_data must be 'text' for {c.method} (it learns the text of a concept unrelated to the target; "
+               f"the target's questions are what it must leave alone)")
     if not (isinstance(c.refusal, str) and c.refusal.strip()):
         yield f"refusal must be a non-empty string, got {c.refusal!r}"
     if c.prompt_format not in ("auto", "paper", "chat"):
@@ -192,6 +195,8 @@ def register_method(method: methods.Method) -> methods.Method:
     if not set(method.reference) <= set(method.parts):
         raise ValueError(f"unlearning method {method.name!r}: reference {method.reference} must be among the parts "
                          f"it reads {method.parts}")
+    if method.text not in methods.TEXTS:
+        raise ValueError(f"unlearning method {method.name!r}: text must be one of {methods.TEXTS}, got {method.text!r}")
     if method.chosen not in methods.CHOSEN:
         raise ValueError(f"unlearning method {method.name!r}: chosen must be one of {methods.CHOSEN}, got {method.chosen!r}")
     if ("chosen" in method.parts) != (method.chosen is not None):

@@ -10,6 +10,8 @@ passes their values from the run's settings. The entry here says the rest:
              "refusal" (UnlearnConfig.refusal as the answer to each of the concept's questions, which makes the
              forget set the questions alone)
   label, colour  for the book's charts (the same colour in every chapter)
+  text       whose text the forget set holds: "concept" (the target's own) or "unrelated" (a concept unrelated to
+             the target, as the control fine-tune has: it learns that text instead of unlearning anything)
 
 To add a method: a loss module, and its Method entry in REGISTRY here (or config.register_method(Method(...))
 from your own code: the checks there read the settings of UnlearnConfig, which imports this module).
@@ -21,10 +23,11 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import dpo, grad_ascent, grad_diff, idk_dpo, npo
+from . import control, dpo, grad_ascent, grad_diff, idk_dpo, npo
 
 PARTS = ("forget", "retain", "chosen")
 CHOSEN = (None, "retain", "refusal")
+TEXTS = ("concept", "unrelated")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class Method:
     colour: str
     defaults: dict = field(default_factory=dict)
     chosen: str | None = None
+    text: str = "concept"
 
     @property
     def settings(self) -> tuple[str, ...]:
@@ -74,6 +78,10 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("idk_dpo", idk_dpo.loss, parts=("forget", "chosen", "retain"), reference=("forget", "chosen"),
            label="DPO (\"I don't know\")", colour="#9467bd",
            defaults=dict(lr=6e-6, retain_weight=3.0, forget_data="qa"), chosen="refusal"),
+    # The control, not an unlearning method: Gradient Difference's optimiser, steps and retain data, with an unrelated
+    # concept's text learned instead of the target's unlearned (control.py)
+    Method("control", control.loss, parts=("forget", "retain"), reference=(), label="Control fine-tune",
+           colour="#7f7f7f", defaults=dict(lr=2.5e-5, retain_weight=1.5, forget_data="text"), text="unrelated"),
 )}
 
 
