@@ -313,7 +313,7 @@ def _chapter_calls():
             return [text]
 
         for fn, args in re.findall(r"verdicts\.(\w+)\(((?:[^()]|\([^()]*\))*)\)", code, flags=re.S):
-            if fn in ("mean_krs", "with_interval"):
+            if fn in ("mean_krs", "with_interval", "seed_spread"):  # tables, not verdicts
                 continue
             ids = re.findall(r'claim=f?"([^"]+)"', args)
             for claim_id in (expand(ids[0]) if ids else [None]):
@@ -526,3 +526,13 @@ def test_behaviour_verdicts_against_the_control_three_ways():
                                                                               **wide))))
     v = verdicts.side_effects_beyond_control(with_control(unl, calm))
     assert v.evidence["difference"] == pytest.approx(0.4 - 0.02) and "control" in v.sentence
+
+
+def test_seed_spread_reports_each_seeds_best_window_and_the_largest_gap():
+    one = sweep_table(coef_peak="last", methods=("grad_diff",), concepts=("A",))
+    two = one.assign(seed=0)
+    moved = one.assign(seed=1, krs=np.where(one["center_layer"] == 2, one["krs"] + 0.9, one["krs"]))
+    table = verdicts.seed_spread(pd.concat([two, moved], ignore_index=True), "coef")
+    assert list(table["seed"]) == [0, 1] and table["largest_seed_gap"].iloc[0] == pytest.approx(0.9)
+    assert table["best_window"].iloc[0] != table["best_window"].iloc[1]  # seed 1's curve peaks at layer 2
+    assert verdicts.seed_spread(two, "coef").empty  # one seed: nothing to compare

@@ -22,15 +22,25 @@ def stages(t, name):
     return [r.kwargs for r in t.requests if r.stage == name]
 
 
+def seed_of(t) -> int:
+    """The unlearning seed of a task's model (0 unless its context sets another)."""
+    import json
+
+    return json.loads(t.context).get("unlearning", {}).get("seed", 0)
+
+
 def test_one_task_per_unlearned_model_and_it_trains_first():
     todo = precompute.tasks(plan())
     prof = book.load_profile("default", ROOT).parameters
-    pairs = [(t.model, t.concept, t.method) for t in todo if t.concept]
+    pairs = [(t.model, t.concept, t.method, seed_of(t)) for t in todo if t.concept]
     assert len(pairs) == len(set(pairs))  # each unlearned model in exactly one task
-    # the chapters' unlearned models, and the control fine-tune of each concept (chapters 6 and 7)
-    main = {("smollm2-135m", c, m) for c in prof["concepts"] for m in [*prof["methods"], "control"]}
-    second = {(prof["second_model"], c, m) for c in prof["second_concepts"] for m in prof["second_methods"]}
-    assert set(pairs) == main | second
+    # the chapters' unlearned models, and the control fine-tune of each concept (chapters 6 and 7); the other seeds
+    # of the beyond_concepts' pairs (the patching chapter)
+    main = {("smollm2-135m", c, m, 0) for c in prof["concepts"] for m in [*prof["methods"], "control"]}
+    seeds = {("smollm2-135m", c, m, s) for c in prof["beyond_concepts"] for m in prof["methods"]
+             for s in prof["seeds"][1:]}
+    second = {(prof["second_model"], c, m, 0) for c in prof["second_concepts"] for m in prof["second_methods"]}
+    assert len(prof["seeds"]) >= 3 and set(pairs) == main | seeds | second
     for t in todo:
         if t.concept:
             assert t.requests[0].stage == "unlearned" and t.requests[0].kwargs == {}
@@ -40,7 +50,7 @@ def test_one_task_per_unlearned_model_and_it_trains_first():
 
 
 def test_tasks_follow_the_chapters_parameters():
-    todo = {(t.model, t.concept, t.method): t for t in precompute.tasks(plan())}
+    todo = {(t.model, t.concept, t.method): t for t in precompute.tasks(plan()) if seed_of(t) == 0}
     prof = book.load_profile("default", ROOT).parameters
     hp = todo[("smollm2-135m", "Harry Potter", "dpo")]
     france = todo[("smollm2-135m", "France", "dpo")]
@@ -69,7 +79,7 @@ def test_parameter_overrides_reach_the_tasks_and_remote_chapters_are_left_alone(
     todo = precompute.tasks(plan(overrides={"methods": ["npo"], "concepts": ["Austria"], "window": 3,
                                             "beyond_concepts": None, "second_model": None}))
     assert {(t.concept, t.method) for t in todo if t.concept} == {("Austria", "npo"), ("Austria", "control")}
-    (t,) = [t for t in todo if t.concept and t.method == "npo"]
+    (t,) = [t for t in todo if t.concept and t.method == "npo" and seed_of(t) == 0]
     assert {kw.get("window") for kw in stages(t, "sweep") if kw["layers"] is None} == {3}
     assert stages(t, "relearn")  # beyond_concepts None: every chosen concept
     with pytest.raises(book.BookError, match="vanilla model with itself"):  # refused before any planning
@@ -125,7 +135,7 @@ def test_a_changed_notebook_call_changes_the_plan_without_touching_the_package(t
     new = [r for r in after if r not in before]
     assert new and {r.stage for r in new} == {"sweep"}
     assert all(r.kwargs["experiments"] == ["value"] and r.kwargs["layers"] == [-1] for r in new)
-    assert len(new) == len(params["concepts"]) * len(params["methods"])
+    assert len(new) == len(study_mod.Study.from_params(params, progress=False).runs())  # every seed of every pair
 
 
 def test_training_stages_run_first_one_task_at_a_time_then_the_rest(monkeypatch):
@@ -141,10 +151,10 @@ def test_training_stages_run_first_one_task_at_a_time_then_the_rest(monkeypatch)
     assert not any(set(t.stages) & set(precompute.TRAINING_STAGES) for t in rest)
     by_model = {}
     for t in training + rest:
-        by_model.setdefault((t.model, t.concept, t.method), []).extend(t.requests)
+        by_model.setdefault((t.model, t.concept, t.method, t.context), []).extend(t.requests)
     assert {k: sorted(map(repr, v)) for k, v in by_model.items()} == \
-        {(t.model, t.concept, t.method): sorted(map(repr, t.requests)) for t in todo}
-    hp = [t for t in training if (t.concept, t.method) == ("Harry Potter", "dpo")][0]
+        {(t.model, t.concept, t.method, t.context): sorted(map(repr, t.requests)) for t in todo}
+    hp = [t for t in training if (t.concept, t.method, seed_of(t)) == ("Harry Potter", "dpo", 0)][0]
     assert hp.stages == ["unlearned", "relearn", "relearn"]  # the relearning runs train too
 
 

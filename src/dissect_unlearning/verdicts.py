@@ -214,6 +214,31 @@ def mean_krs(sweep: pd.DataFrame, experiment: str | None = None, n_boot: int = u
     return out.sort_values(["experiment", "center_layer"], ignore_index=True)
 
 
+def seed_spread(sweep: pd.DataFrame, experiment: str = "coef") -> pd.DataFrame:
+    """How much the unlearning seed moves a (concept, method)'s KRS curve, for the pairs unlearned with several seeds.
+
+    One row per (concept, method, seed): the best window of that seed's curve (mean over questions) and its KRS, the
+    KRS of the last window (the one holding the last layer), and, repeated on every row of a pair, the largest
+    difference between two seeds' KRS at any one window. Empty when no pair has more than one seed.
+    """
+    columns = ["concept", "method", "seed", "best_window", "best_krs", "last_window_krs", "largest_seed_gap"]
+    df = _rows_of(sweep, experiment, "seed_spread")
+    require_columns(df, ["concept", "method", "seed"], "seed_spread")
+    curves = df.groupby(["concept", "method", "seed", "center_layer", "layers"], sort=True)["krs"].mean().reset_index()
+    rows = []
+    for (concept, method), pair in curves.groupby(["concept", "method"], sort=False):
+        if pair["seed"].nunique() < 2:
+            continue
+        by_window = pair.pivot_table(index="center_layer", columns="seed", values="krs")
+        gap = float((by_window.max(axis=1) - by_window.min(axis=1)).max())
+        last = int(pair["center_layer"].max())
+        for seed, curve in pair.groupby("seed"):
+            best = curve.loc[curve["krs"].idxmax()]
+            rows.append((concept, method, int(seed), _layers_text(best["layers"]), float(best["krs"]),
+                         float(curve.loc[curve["center_layer"] == last, "krs"].iloc[0]), gap))
+    return pd.DataFrame(rows, columns=columns)
+
+
 def _last_layer(sweep: pd.DataFrame, n_layers: int | None) -> int:
     if n_layers is not None:
         return int(n_layers) - 1
