@@ -29,18 +29,30 @@ def seed_of(t) -> int:
     return json.loads(t.context).get("unlearning", {}).get("seed", 0)
 
 
+def regime_of(t) -> str:
+    """The forget data of a task's model ("text", the default, unless its context sets another)."""
+    import json
+
+    return json.loads(t.context).get("unlearning", {}).get("forget_data", "text")
+
+
+def main_variant(t) -> bool:
+    return seed_of(t) == 0 and regime_of(t) == "text"
+
+
 def test_one_task_per_unlearned_model_and_it_trains_first():
     todo = precompute.tasks(plan())
     prof = book.load_profile("default", ROOT).parameters
-    pairs = [(t.model, t.concept, t.method, seed_of(t)) for t in todo if t.concept]
+    pairs = [(t.model, t.concept, t.method, seed_of(t), regime_of(t)) for t in todo if t.concept]
     assert len(pairs) == len(set(pairs))  # each unlearned model in exactly one task
     # the chapters' unlearned models, and the control fine-tune of each concept (chapters 6 and 7); the other seeds
-    # of the beyond_concepts' pairs (the patching chapter)
-    main = {("smollm2-135m", c, m, 0) for c in prof["concepts"] for m in [*prof["methods"], "control"]}
-    seeds = {("smollm2-135m", c, m, s) for c in prof["beyond_concepts"] for m in prof["methods"]
-             for s in prof["seeds"][1:]}
-    second = {(prof["second_model"], c, m, 0) for c in prof["second_concepts"] for m in prof["second_methods"]}
-    assert len(prof["seeds"]) >= 3 and set(pairs) == main | seeds | second
+    # of the beyond_concepts' pairs (the patching chapter), and their other forget data regimes (chapter 3)
+    main = {("smollm2-135m", c, m, 0, "text") for c in prof["concepts"] for m in [*prof["methods"], "control"]}
+    beyond = [(c, m) for c in prof["beyond_concepts"] for m in prof["methods"]]
+    seeds = {("smollm2-135m", c, m, s, "text") for c, m in beyond for s in prof["seeds"][1:]}
+    regimes = {("smollm2-135m", c, m, 0, r) for c, m in beyond for r in ("qa", "text+qa")}
+    second = {(prof["second_model"], c, m, 0, "text") for c in prof["second_concepts"] for m in prof["second_methods"]}
+    assert len(prof["seeds"]) >= 3 and set(pairs) == main | seeds | regimes | second
     for t in todo:
         if t.concept:
             assert t.requests[0].stage == "unlearned" and t.requests[0].kwargs == {}
@@ -50,7 +62,7 @@ def test_one_task_per_unlearned_model_and_it_trains_first():
 
 
 def test_tasks_follow_the_chapters_parameters():
-    todo = {(t.model, t.concept, t.method): t for t in precompute.tasks(plan()) if seed_of(t) == 0}
+    todo = {(t.model, t.concept, t.method): t for t in precompute.tasks(plan()) if main_variant(t)}
     prof = book.load_profile("default", ROOT).parameters
     hp = todo[("smollm2-135m", "Harry Potter", "dpo")]
     france = todo[("smollm2-135m", "France", "dpo")]
@@ -79,7 +91,7 @@ def test_parameter_overrides_reach_the_tasks_and_remote_chapters_are_left_alone(
     todo = precompute.tasks(plan(overrides={"methods": ["npo"], "concepts": ["Austria"], "window": 3,
                                             "beyond_concepts": None, "second_model": None}))
     assert {(t.concept, t.method) for t in todo if t.concept} == {("Austria", "npo"), ("Austria", "control")}
-    (t,) = [t for t in todo if t.concept and t.method == "npo" and seed_of(t) == 0]
+    (t,) = [t for t in todo if t.concept and t.method == "npo" and main_variant(t)]
     assert {kw.get("window") for kw in stages(t, "sweep") if kw["layers"] is None} == {3}
     assert stages(t, "relearn")  # beyond_concepts None: every chosen concept
     with pytest.raises(book.BookError, match="vanilla model with itself"):  # refused before any planning
@@ -154,7 +166,7 @@ def test_training_stages_run_first_one_task_at_a_time_then_the_rest(monkeypatch)
         by_model.setdefault((t.model, t.concept, t.method, t.context), []).extend(t.requests)
     assert {k: sorted(map(repr, v)) for k, v in by_model.items()} == \
         {(t.model, t.concept, t.method, t.context): sorted(map(repr, t.requests)) for t in todo}
-    hp = [t for t in training if (t.concept, t.method, seed_of(t)) == ("Harry Potter", "dpo", 0)][0]
+    hp = [t for t in training if (t.concept, t.method) == ("Harry Potter", "dpo") and main_variant(t)][0]
     assert hp.stages == ["unlearned", "relearn", "relearn"]  # the relearning runs train too
 
 

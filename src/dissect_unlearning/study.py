@@ -230,6 +230,19 @@ class Study:
                       "methods": p["second_methods"] or p["methods"], "second_model": None},
                      plan=self.plan, progress=self.progress, _cset=self._cset)
 
+    def with_forget_data(self, forget_data: str) -> "Study":
+        """The same study on the first seed, its models unlearned with `forget_data` ("text", "qa" or "text+qa";
+        see UnlearnConfig): the regimes side by side. The study's own regime asks for exactly its own requests."""
+        from .unlearning.config import FORGET_DATA, UnlearnConfig
+
+        _check_choice(forget_data, "forget_regimes", FORGET_DATA)
+        p = self.params
+        unlearning = dict(p["unlearning"])
+        if forget_data != unlearning.get("forget_data", UnlearnConfig.forget_data):
+            unlearning["forget_data"] = forget_data
+        return Study({**p, "unlearning": unlearning, "seeds": list(p["seeds"])[:1], "second_model": None},
+                     plan=self.plan, progress=self.progress, _cset=self._cset)
+
     def control(self) -> "Study":
         """The same study with the control fine-tune (unlearning/control.py) as its only method, first seed only: a
         model trained as the unlearned ones were but on an unrelated concept's text, for a chapter to hold its

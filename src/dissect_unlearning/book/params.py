@@ -137,6 +137,15 @@ def _relearn_data(v):
     raise ValueError("not a list of relearning data kinds")
 
 
+def _forget_regimes(v):
+    from ..unlearning.config import FORGET_DATA
+
+    v = [v] if isinstance(v, str) else v
+    if isinstance(v, (list, tuple)) and v and all(x in FORGET_DATA for x in v):
+        return list(dict.fromkeys(v))
+    raise ValueError("not a non-empty list of forget data regimes")
+
+
 def _seeds(v):
     v = [v] if validate.is_int(v) else v
     if isinstance(v, (list, tuple)) and v and all(validate.int_in_range(x, 0) for x in v) and len(set(v)) == len(v):
@@ -206,6 +215,9 @@ PARAMETERS: dict[str, ParamSpec] = {
     "relearn_data": ParamSpec("a list (empty = skip relearning) of 'unrelated' (text of a concept neither forgotten "
                               "nor retained) and 'partial' (half of the target questions; the other half is scored)",
                               _relearn_data),
+    "forget_regimes": ParamSpec("a non-empty list of forget data regimes shown side by side: 'text' (the "
+                                "concept's text, the paper's), 'qa' (half its questions, the other half scored), "
+                                "'text+qa'", _forget_regimes),
     "relearn_lr": ParamSpec("a number in (0, 1): the relearning fine-tune's learning rate", _learning_rate),
     "second_model": ParamSpec("null (skip) or a model (as for `model`) of another family, dissected the same way",
                               _str_or_none),
