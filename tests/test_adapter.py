@@ -186,3 +186,254 @@ def test_an_adapter_run_is_cached_small_and_loads_as_the_merged_model(tiny_check
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), expected.parameters()))
     with pytest.raises(ValueError, match="params='lora'"):
         full.adapter()
+
+
+# ------------------------------------------------------------------------------------------------------ dissection
+from dissect_unlearning import patching  # noqa: E402
+from dissect_unlearning.patching import adapted, remote as remote_mod  # noqa: E402
+from test_patching import qa  # noqa: E402
+
+
+def krs_gap(a, b):
+    cols = ["loss_patched", "loss_unpatched", "krs", "kl", "top1_agree"]
+    assert list(a.columns) == list(b.columns) and len(a) == len(b) > 0
+    assert (a[["experiment", "center_layer", "question_index"]].values == b[["experiment", "center_layer",
+                                                                            "question_index"]].values).all()
+    return {c: float((a[c] - b[c]).abs().max()) for c in cols}
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_the_adapter_in_the_trace_gives_the_krs_of_the_merged_weights(direction):
+    """Every experiment (site patches, and restorations as switched-off / switched-on adapter terms), through the
+    simulated remote session, against the local engine on the merged model."""
+    model, tok = make_tiny_llama()
+    a = random_adapter(model)
+    merged = adapter_mod.merge(copy.deepcopy(model), a).eval()
+    p, ans = qa(tok, n=3)
+    kw = dict(experiments=list(patching.EXPERIMENTS), window=3, direction=direction)
+    local = patching.run(model, merged, tok, p, ans, layout="padded", **kw)
+    simulated = patching.run(model, a, tok, p, ans, remote="local", **kw)
+    gap = krs_gap(local, simulated)
+    assert gap["krs"] < 1e-4 and gap["loss_patched"] < 1e-6 and gap["top1_agree"] == 0, gap
+    assert local.krs.abs().max() > 0.05  # something is recovered: the comparison is not of zeros
+    plain = patching.run(model, a, tok, p, ans, remote=False, **kw)  # no session backend: the same traces here
+    assert krs_gap(plain, simulated)["krs"] < 1e-9
+
+
+def test_a_run_is_one_session_and_only_the_per_question_scores_come_back(monkeypatch):
+    from nnsight.intervention.backends.local import LocalSimulationBackend
+
+    model, tok = make_tiny_llama()
+    a = random_adapter(model)
+    p, ans = qa(tok, n=2)
+    calls, sizes = [], []
+    real = LocalSimulationBackend.__call__
+    real_save = torch.Tensor.save if hasattr(torch.Tensor, "save") else None
+
+    def counted(self, tracer):
+        calls.append(type(tracer).__name__)
+        return real(self, tracer)
+
+    monkeypatch.setattr(LocalSimulationBackend, "__call__", counted)
+    table = patching.run(model, a, tok, p, ans, experiments=["coef", "value"], window=3, remote="local")
+    assert calls == ["Tracer"] or len(calls) == 1, calls  # one request for 2 experiments x 4 windows + 2 passes
+    assert len(table) == 2 * 4 * 2
+    del real_save, sizes
+
+
+def test_the_trace_bodies_need_no_code_of_the_package(monkeypatch):
+    """The simulated server runs the request with dissect_unlearning unimportable and not shipped by value, and no
+    function of the package may run while it executes (NDIF runs whitelisted modules only)."""
+    import sys
+    import threading
+
+    import cloudpickle.cloudpickle as cp
+    import nnsight.ndif
+    from nnsight.intervention.backends.local import LocalSimulationBackend
+
+    import dissect_unlearning
+
+    model, tok = make_tiny_llama()
+    a = random_adapter(model)
+    p, ans = qa(tok, n=2)
+    root = dissect_unlearning.__name__
+    codes = _package_code_objects(root)
+    # nothing of the package is shipped by value: a reference to it in a body would fail to deserialize
+    monkeypatch.setattr(nnsight.ndif, "_PULLED_ENV", True)
+    monkeypatch.setattr(cp, "_PICKLE_BY_VALUE_MODULES", {m for m in cp._PICKLE_BY_VALUE_MODULES
+                                                         if m.split(".")[0] != root})
+
+    class Unimportable:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == root:
+                raise ImportError(f"{name} is not installed on the simulated server")
+            return None
+
+    ran = []
+    real = LocalSimulationBackend.__call__
+
+    def hidden(self, tracer):
+        saved = {n: sys.modules.pop(n) for n in list(sys.modules) if n.split(".")[0] == root}
+        blocker = Unimportable()
+        sys.meta_path.insert(0, blocker)
+
+        def profile(frame, event, arg):
+            if event == "call" and frame.f_code in codes:
+                ran.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+
+        sys.setprofile(profile)
+        threading.setprofile(profile)
+        try:
+            return real(self, tracer)
+        finally:
+            sys.setprofile(None)
+            threading.setprofile(None)
+            sys.meta_path.remove(blocker)
+            sys.modules.update(saved)
+
+    monkeypatch.setattr(LocalSimulationBackend, "__call__", hidden)
+    table = patching.run(model, a, tok, p, ans, experiments=list(patching.EXPERIMENTS), window=3, remote="local")
+    assert ran == [] and table.krs.notna().all()
+    # and the watch works: a request whose body calls a function of the package fails on the simulated server
+    from dissect_unlearning import models
+
+    lm = patching.wrap(model, tok)
+    with pytest.raises(Exception, match="dissect_unlearning"):
+        with torch.no_grad(), lm.trace(torch.tensor([[5, 6, 7]]), remote="local"):
+            models.n_layers(model)
+            lm.output.logits.save()
+
+
+def _package_code_objects(root: str) -> set:
+    import sys
+    import types
+    from pathlib import Path
+
+    codes, stack = set(), []
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] != root or module is None:
+            continue
+        for obj in vars(module).values():
+            if isinstance(obj, types.FunctionType) and obj.__module__ == name:
+                stack.append(obj.__code__)
+            elif isinstance(obj, type) and obj.__module__ == name:
+                for member in vars(obj).values():
+                    fn = getattr(member, "__func__", member)
+                    fn = getattr(fn, "fget", fn)
+                    if isinstance(fn, types.FunctionType):
+                        stack.append(fn.__code__)
+    home = str(Path(sys.modules[root].__file__).parent)
+    while stack:
+        code = stack.pop()
+        if code not in codes and code.co_filename.startswith(home):  # not a decorator's wrapper (contextlib)
+            codes.add(code)
+            stack += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+    return codes
+
+
+def test_a_zero_adapter_is_refused_rather_than_scoring_vanilla_against_vanilla():
+    model, tok = make_tiny_llama()
+    fresh = adapter_mod.init(model, lora_config())  # B = 0: the vanilla model
+    p, ans = qa(tok, n=1)
+    with pytest.raises(adapted.ZeroAdapterError, match="compare the vanilla model with itself"):
+        patching.run(model, fresh, tok, p, ans, experiments=["coef"], remote="local")
+
+
+def test_a_full_fine_tuned_model_is_still_refused_with_remote_true(monkeypatch):
+    model, tok = make_tiny_llama()
+    changed = adapter_mod.merge(copy.deepcopy(model), random_adapter(model))
+    p, ans = qa(tok, n=1)
+    monkeypatch.setenv("NDIF_API_KEY", "not-a-real-key")
+    with pytest.raises(patching.RemoteLocalModelError, match="vanilla model with itself"):
+        patching.run(model, changed, tok, p, ans, ["coef"], remote=True)
+
+
+# ------------------------------------------------------------------------------------------------------ preflight
+class FakeNdif:
+    """nnsight's service calls, answered offline."""
+
+    def __init__(self, running=True, remote_nnsight=None):
+        import nnsight
+
+        self.running, self.asked = running, []
+        self.remote_nnsight = remote_nnsight or nnsight.__version__
+
+    def is_model_running(self, name, *a, **k):
+        self.asked.append(name)
+        return self.running
+
+    def compare(self):
+        import nnsight
+        from nnsight.ndif import EnvComparison
+
+        return EnvComparison({"packages": {"nnsight": nnsight.__version__}},
+                             {"packages": {"nnsight": self.remote_nnsight}})
+
+
+@pytest.fixture
+def hosted(monkeypatch):
+    model, tok = make_tiny_llama()
+    model.config._name_or_path = "org/tiny-llama"  # as a hub id NDIF could host
+    return model, tok
+
+
+def fake(monkeypatch, **kw):
+    import nnsight
+
+    service = FakeNdif(**kw)
+    monkeypatch.setattr(nnsight, "is_model_running", service.is_model_running)
+    monkeypatch.setattr(nnsight, "compare", service.compare)
+    return service
+
+
+def no_key(monkeypatch):
+    from nnsight import CONFIG
+
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)
+
+
+def test_preflight_names_every_problem_in_one_message_before_any_work(hosted, monkeypatch):
+    from nnsight.intervention.backends.local import LocalSimulationBackend
+
+    model, tok = hosted
+    no_key(monkeypatch)
+    service = fake(monkeypatch, running=False, remote_nnsight="0.0.1")
+    monkeypatch.setattr(patching.engine, "wrap", lambda *a: pytest.fail("work started"))
+    monkeypatch.setattr(adapted, "wrap", lambda *a: pytest.fail("work started"))
+    p, ans = qa(tok, n=1)
+    with pytest.raises(patching.RemoteUnavailableError) as err:
+        patching.run(model, random_adapter(model), tok, p, ans, ["coef"], remote=True)
+    message = str(err.value)
+    assert "NDIF_API_KEY" in message and "'org/tiny-llama' is not running" in message
+    assert "nnsight==0.0.1" in message and service.asked == ["org/tiny-llama"]
+    del LocalSimulationBackend
+
+
+@pytest.mark.parametrize("problem, expected", [
+    (dict(key=False), "NDIF_API_KEY"), (dict(running=False), "is not running"),
+    (dict(remote_nnsight="9.9.9"), "nnsight==9.9.9"),
+])
+def test_preflight_refuses_each_problem_alone_and_passes_when_all_is_well(hosted, monkeypatch, problem, expected):
+    model, _ = hosted
+    problem = dict(problem)
+    if problem.pop("key", True):
+        monkeypatch.setenv("NDIF_API_KEY", "a-key")
+    else:
+        no_key(monkeypatch)
+    fake(monkeypatch, **problem)
+    with pytest.raises(patching.RemoteUnavailableError, match=expected) as err:
+        remote_mod.preflight(model)
+    assert "a-key" not in str(err.value)  # the key itself is never written anywhere
+    monkeypatch.setenv("NDIF_API_KEY", "a-key")
+    fake(monkeypatch)
+    remote_mod.preflight(model)  # no problem: no error
+
+
+def test_preflight_refuses_a_model_of_this_machine(tiny_checkpoint, monkeypatch):
+    from dissect_unlearning import models
+
+    model, _ = models.load(tiny_checkpoint)
+    fake(monkeypatch)
+    with pytest.raises(ValueError, match="hub id NDIF hosts"):
+        remote_mod.preflight(model)
