@@ -437,3 +437,19 @@ def test_preflight_refuses_a_model_of_this_machine(tiny_checkpoint, monkeypatch)
     fake(monkeypatch)
     with pytest.raises(ValueError, match="hub id NDIF hosts"):
         remote_mod.preflight(model)
+
+
+def test_the_change_measure_of_an_adapter_equals_that_of_its_merged_weights():
+    from dissect_unlearning.patching import change as change_mod
+
+    model, tok = make_tiny_llama()
+    a = random_adapter(model, targets="mlp.down_proj,self_attn.o_proj")  # gate/up untouched: their change is 0
+    merged = adapter_mod.merge(copy.deepcopy(model), a).eval()
+    p, ans = qa(tok, n=2)
+    local = change_mod.change(model, merged, tok, p, ans)
+    simulated = change_mod.change(model, a, tok, p, ans, remote="local")
+    assert (local[["layer", "quantity"]].values == simulated[["layer", "quantity"]].values).all()
+    assert float((local.norm_vanilla - simulated.norm_vanilla).abs().max()) < 1e-6
+    assert float((local.rel_change - simulated.rel_change).abs().max()) < 1e-5
+    assert (simulated[simulated.quantity == "key"].norm_diff == 0).all()
+    assert (simulated[simulated.quantity.isin(["coef", "value"])].norm_diff > 0).all()

@@ -192,3 +192,69 @@ def _session(lm, inputs: batch_mod.ScoringInputs, model, remote, source_ops, tar
             results.append(torch.stack([per_position[a:b].mean(0) for a, b in spans]))
         stats = torch.stack(results).save()
     return stats.cpu()
+
+
+def change(model, adapter: adapter_mod.Adapter, tok, prompt_ids, answer_ids, remote=False):
+    """change.change for "unlearned" = `model` + `adapter`: one row per (layer, quantity), change.CHANGE_COLUMNS.
+
+    The activations come from one session (adapter off, adapter on), which returns their norms only. The weights'
+    norms are the local vanilla model's, and the change of a weight is the adapter's term, scale (A B)^T, exactly:
+    zero for a parameter the adapter does not adapt."""
+    import pandas as pd
+
+    from .change import CHANGE_COLUMNS
+
+    if remote not in REMOTE_CHOICES:
+        raise ValueError(f"remote must be False, True or 'local', got {remote!r}")
+    check_adapter(model, adapter)
+    arch = models.architecture_of(model)
+    plan = _Plan(wrap(model, tok), model, arch, adapter)
+    inputs = batch_mod.scoring_inputs(prompt_ids, answer_ids, tok, "answer", "padded")
+    sites = list(sites_mod.SITES.values())
+    reads = [(s, i) for i in range(plan.n_layers) for s in sites_mod.in_forward_order(sites_mod.SITES)]
+    everywhere = {(i, t) for i in range(plan.n_layers) for t in adapter.targets}
+    norms = _change_session(plan.lm, inputs, model, remote, plan.ops(set(), reads=reads),
+                            plan.ops(everywhere, reads=reads), [key for key in ((s.name, i) for s, i in reads)])
+    found = dict(zip(((s.name, i) for s, i in reads), norms.tolist()))
+    params = dict(model.named_parameters())
+    rows = []
+    with torch.no_grad():
+        for i in range(plan.n_layers):
+            for s in sites:
+                nv, nd = found[(s.name, i)]
+                rows.append({"layer": i, "quantity": s.name, "norm_vanilla": nv, "norm_diff": nd,
+                             "rel_change": nd / nv if nv else float("nan")})
+            for q in experiments_mod.PARAMETER_SETS.values():
+                names = q.names(model, arch, [i])
+                nv = float(torch.sqrt(sum((params[n].double() ** 2).sum() for n in names)))
+                adapted_names = [n for n in names if n.endswith(".weight") and n[:-7] in adapter.a]
+                nd = float(torch.sqrt(sum(((adapter.delta(n[:-7]).double() ** 2).sum() for n in adapted_names),
+                                          torch.zeros((), dtype=torch.float64))))
+                rows.append({"layer": i, "quantity": q.name, "norm_vanilla": nv, "norm_diff": nd,
+                             "rel_change": nd / nv if nv else float("nan")})
+    return pd.DataFrame.from_records(rows, columns=CHANGE_COLUMNS)
+
+
+def _change_session(lm, inputs, model, remote, vanilla_ops, unlearned_ops, keys) -> torch.Tensor:
+    """[len(keys), 2]: ||vanilla value|| and ||unlearned - vanilla|| of each read site at the scored positions."""
+    device = next(model.parameters()).device
+    kwargs = {k: v.to(device) for k, v in inputs.model_inputs.items()}
+    rows, cols = inputs.rows.to(device), inputs.cols.to(device)
+    with torch.no_grad(), lm.session(remote=remote if remote else False):
+        seen = []
+        for ops in (vanilla_ops, unlearned_ops):
+            values = {}
+            with lm.trace(**kwargs):
+                for op, m, a, b, key in ops:
+                    if op == "lora":
+                        x = m.input
+                        m.output = m.output + (x @ a) @ b
+                    elif op == "read_in":
+                        values[key] = m.input[rows, cols]
+                    elif op == "read_out":
+                        values[key] = m.output[rows, cols]
+            seen.append(values)
+        norms = torch.stack([torch.stack([torch.linalg.vector_norm(seen[0][k].double()),
+                                          torch.linalg.vector_norm((seen[1][k] - seen[0][k]).double())])
+                             for k in keys]).save()
+    return norms.cpu()
