@@ -453,3 +453,57 @@ def test_the_change_measure_of_an_adapter_equals_that_of_its_merged_weights():
     assert float((local.rel_change - simulated.rel_change).abs().max()) < 1e-5
     assert (simulated[simulated.quantity == "key"].norm_diff == 0).all()
     assert (simulated[simulated.quantity.isin(["coef", "value"])].norm_diff > 0).all()
+
+
+def test_pipeline_sweeps_an_adapter_run_through_the_request_and_asks_ndif_first(tiny_checkpoint, concept_file,
+                                                                                monkeypatch):
+    settings = dict(FAST, params="lora", lora_rank=2, lr=1e-2)
+    u = pipeline.unlearned(tiny_checkpoint, concept_file, "Paris", "grad_diff", progress=False, **settings)
+    kw = dict(concepts=concept_file, concept="Paris", experiments=["coef", "value"], window=3, progress=False)
+    here = pipeline.sweep(tiny_checkpoint, u, remote=False, **kw)  # the merged model, local engine
+    request = pipeline.sweep(tiny_checkpoint, u, remote="local", **kw)  # the adapter inside the simulated request
+    assert float((here.krs - request.krs).abs().max()) < 1e-4 and len(here) == len(request) > 0
+    change = pipeline.coef_change(tiny_checkpoint, u, concepts=concept_file, concept="Paris", remote="local",
+                                  progress=False)
+    assert (change.rel_change[change.quantity == "value"] > 0).all()
+    # remote=True is no longer refused as a local model: the adapter travels; the vanilla model must be NDIF's
+    fake(monkeypatch)
+    monkeypatch.setenv("NDIF_API_KEY", "a-key")
+    with pytest.raises(ValueError, match="hub id NDIF hosts"):
+        pipeline.sweep(tiny_checkpoint, u, remote=True, **kw)
+
+
+def test_on_the_default_model_the_adapter_equals_its_merged_weights(default_model):
+    """SmolLM2-135M, 30 layers: logits of the adapter applied in a simulated request vs the merged weights, and the
+    KRS of the paper's experiments on two windows."""
+    model, tok = default_model
+    a = random_adapter(model, rank=4, alpha=8.0)
+    for name in a.names():
+        a.b[name] = a.b[name] * 0.05  # an unlearning-sized change, not a new model
+    merged = adapter_mod.merge(copy.deepcopy(model), a).eval()
+    p, ans = qa(tok, n=2)
+    lm = patching.wrap(model, tok)
+    ids = torch.tensor([p[0] + ans[0]])
+    plan = adapted._Plan(lm, model, models_arch(model), a)
+    ops = plan.ops({(i, t) for i in range(plan.n_layers) for t in a.targets})
+    with torch.no_grad(), lm.trace(ids, remote="local"):
+        for op, m, A, B, key in ops:
+            x = m.input
+            m.output = m.output + (x @ A) @ B
+        logits = lm.output.logits.save()
+    with torch.no_grad():
+        expected = merged(ids).logits
+        vanilla = model(ids).logits
+    assert (vanilla - expected).abs().max() > 1e-2
+    assert float((logits - expected).abs().max()) < 1e-5 * float(expected.abs().max()), \
+        float((logits - expected).abs().max())
+    kw = dict(experiments=list(patching.PAPER_EXPERIMENTS), layers=[[10, 11, 12], [27, 28, 29]])
+    gap = krs_gap(patching.run(model, merged, tok, p, ans, layout="padded", **kw),
+                  patching.run(model, a, tok, p, ans, remote="local", **kw))
+    assert gap["krs"] < 1e-4, gap
+
+
+def models_arch(model):
+    from dissect_unlearning import models
+
+    return models.architecture_of(model)

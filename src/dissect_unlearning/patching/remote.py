@@ -31,9 +31,15 @@ def api_key() -> str | None:
 
 
 def hosted_name(model) -> str:
-    """The name NDIF knows `model` by (its hub id); a ValueError for a model that exists only on this machine."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
-    if not name or Path(str(name)).expanduser().exists():
+    """The name NDIF knows `model` (a loaded model, or its name) by: its hub id; a ValueError for a model that exists
+    only on this machine (a folder, or a registry model provisioned here)."""
+    if isinstance(model, str):
+        name = model
+    else:
+        name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    from .. import models
+
+    if not name or name in models.REGISTRY or Path(str(name)).expanduser().exists():
         raise ValueError(f"remote=True needs the vanilla model under the hub id NDIF hosts it by (e.g. "
                          f"'meta-llama/Llama-3.1-8B'), but this one was loaded from {name!r} on this machine; the "
                          f"adapter travels with the request, the vanilla weights must be NDIF's")
@@ -41,7 +47,8 @@ def hosted_name(model) -> str:
 
 
 def preflight(model) -> None:
-    """Raise RemoteUnavailableError (every problem in one message) unless a request for `model` can run on NDIF."""
+    """Raise RemoteUnavailableError (every problem in one message) unless a request for `model` (a loaded model or
+    its name) can run on NDIF."""
     import nnsight
 
     name = hosted_name(model)
