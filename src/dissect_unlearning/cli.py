@@ -380,7 +380,8 @@ def _add_unlearning_flags(p) -> None:
     g.add_argument("--lr", type=_number_flag)
     g.add_argument("--batch-size", dest="batch_size", type=_int_flag(1))
     g.add_argument("--chunk-tokens", dest="chunk_tokens", type=_int_flag(1))
-    g.add_argument("--params", help="all | mlp | last_k:K")
+    g.add_argument("--params", help="all | mlp | last_k:K | lora (an adapter: --set lora_rank=8 lora_alpha=16 "
+                   "lora_targets=auto)")
     g.add_argument("--seed", type=_int_flag())
     g.add_argument("--retain-weight", dest="retain_weight", type=_number_flag)
     g.add_argument("--beta", type=_number_flag)

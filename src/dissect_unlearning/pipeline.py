@@ -274,7 +274,11 @@ def sweep(vanilla: str = models.DEFAULT_MODEL, unlearned=None, concepts="builtin
     chosen = patching.PAPER_EXPERIMENTS if experiments is None else experiments  # None: the paper's four
     exps = [e.name for e in patching.experiments.get(chosen)]
     _refuse_local(unlearned, remote)
-    patching.check_remote(remote, patching.experiments.get(exps))  # before any work
+    if getattr(unlearned, "is_adapter", False) and remote is True:
+        # restorations are adapter terms switched in the request: every experiment can run; NDIF asked first
+        patching.remote.preflight(vanilla)
+    else:
+        patching.check_remote(remote, patching.experiments.get(exps))  # before any work
     if isinstance(vanilla, str):  # the layer count from the config: a window must fit the model it slides over
         n_layers = models.n_layers_of(vanilla)
         validate.check_window(window, n_layers if layers is None else None)  # explicit layers replace the windows
@@ -357,6 +361,8 @@ def _pair_table(kind_name: str, compute, vanilla, unlearned, concepts, concept, 
         raise ValueError(f"vanilla must be a model name or checkpoint folder (str), got {type(vanilla).__name__}")
     _refuse_local(unlearned, remote)
     handle = _unlearned_handle(unlearned)
+    if remote is True and handle["adapter"] is not None:
+        patching.remote.preflight(vanilla)  # before any work (sweep has asked already; coef_change has not)
     cset = concepts if isinstance(concepts, concepts_mod.ConceptSet) else load_concepts(concepts)
     if concept is None:
         if len(cset) != 1:
@@ -386,6 +392,9 @@ def _pair_table(kind_name: str, compute, vanilla, unlearned, concepts, concept, 
 
     def make_table():
         v_model, v_tok = models.load(vanilla)
+        if remote and handle["adapter"] is not None:
+            # remote=True / 'local': the vanilla model with the adapter applied inside the request
+            return compute((v_model, handle["adapter"](device=next(v_model.parameters()).device)), v_tok, rows)
         u_model, u_tok = handle["load"]()
         if len(u_tok) != len(v_tok):
             raise ValueError(f"the unlearned model's tokenizer has {len(u_tok)} tokens, the vanilla one {len(v_tok)}: "
@@ -408,8 +417,9 @@ def _pair_table(kind_name: str, compute, vanilla, unlearned, concepts, concept, 
 
 
 def _refuse_local(unlearned, remote) -> None:
-    """remote=True with an unlearned model of this machine (not a hub id NDIF may host): refused before any work."""
-    if remote is not True:
+    """remote=True with an unlearned model of this machine (not a hub id NDIF may host): refused before any work.
+    An adapter run (params="lora") passes: its adapter travels with the request."""
+    if remote is not True or getattr(unlearned, "is_adapter", False):
         return
     if isinstance(unlearned, (str, Path)):
         name = str(unlearned)
@@ -448,7 +458,7 @@ def _unlearned_handle(unlearned) -> dict:
         model, tok = unlearned
         label = getattr(getattr(model, "config", None), "_name_or_path", "") or "<in-memory model>"
         return {"label": f"{label} (in memory)", "identity": None, "load": lambda: (model.eval(), tok),
-                "config": None}
+                "config": None, "adapter": None}
     if callable(getattr(unlearned, "load", None)) and callable(getattr(unlearned, "identity", None)):
         parts = [str(getattr(unlearned, a)) for a in ("model", "concept", "method") if getattr(unlearned, a, None)]
         # Patching and the change measure restore whatever they change (patching.restore): the kept model, uncopied
@@ -457,7 +467,8 @@ def _unlearned_handle(unlearned) -> dict:
             load = functools.partial(load, shared=True)
         # A model unlearned here says what it trained on: its scores leave those questions out
         return {"label": "/".join(parts) or type(unlearned).__name__, "identity": unlearned.identity(),
-                "load": load, "config": getattr(unlearned, "config", None)}
+                "load": load, "config": getattr(unlearned, "config", None),
+                "adapter": unlearned.adapter if getattr(unlearned, "is_adapter", False) else None}
     raise ValueError(f"unlearned: expected a model name or checkpoint folder, a handle with .load() and "
                      f".identity(), or a (model, tokenizer) tuple; got {type(unlearned).__name__}")
 

@@ -25,6 +25,7 @@ from .restore import restored_parameters
 from .batch import ALIGNMENTS, LAYOUTS, ScoringInputs, paper_counts, scoring_inputs
 from .score import Reference, aggregate, kl, krs, mse, top1_agree
 from .windows import Window, centred, explicit, windows
+from . import adapted, remote  # noqa: E402 - the adapter path (after `windows`, which it imports by name)
 
 # The columns of a sweep table (pipeline.sweep / `dissect-unlearning sweep`), in order; docs/sweep-schema.md
 # describes each one.

@@ -41,6 +41,16 @@ def change(vanilla, unlearned, tok, prompt_ids, answer_ids, remote=False):
     """One row per (layer, quantity): norms of the vanilla values and of the change; a DataFrame (CHANGE_COLUMNS)."""
     import pandas as pd
 
+    from ..unlearning.adapter import Adapter
+
+    if isinstance(unlearned, Adapter):  # the vanilla model with the adapter applied inside the traces
+        from . import adapted
+
+        if remote is True:
+            from . import remote as remote_mod
+
+            remote_mod.preflight(vanilla)
+        return adapted.change(vanilla, unlearned, tok, prompt_ids, answer_ids, remote=remote)
     check_remote_pair(vanilla, unlearned, remote)
     check_remote(remote)
     arch = check_pair(vanilla, unlearned)

@@ -285,7 +285,9 @@ def run(vanilla, unlearned, tok, prompt_ids: list[list[int]], answer_ids: list[l
         direction: str = "forward", remote=False, progress=False, layout: str = "auto", metric=score.mse):
     """Run the experiments over every window for one group of questions; return a DataFrame (ENGINE_COLUMNS).
 
-    vanilla, unlearned: loaded HF causal LMs of one architecture (left unchanged afterwards). tok: the vanilla
+    vanilla, unlearned: loaded HF causal LMs of one architecture (left unchanged afterwards); or `unlearned` an
+    unlearning.adapter.Adapter: the vanilla model with the adapter applied inside the traces (patching/adapted.py),
+    the form NDIF can run (remote=True), in which a parameter restoration switches adapter terms off. tok: the vanilla
     tokenizer. prompt_ids / answer_ids: the questions' prompt tokens and the vanilla answers' tokens (pipeline.answers
     rows). experiments: names in experiments.EXPERIMENTS (a list or a comma-separated string). window: size of the
     centred windows; layers: one explicit window instead (e.g. [-1] = the last layer), or a list of explicit windows
@@ -301,6 +303,21 @@ def run(vanilla, unlearned, tok, prompt_ids: list[list[int]], answer_ids: list[l
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from ..unlearning.adapter import Adapter
+
+    if isinstance(unlearned, Adapter):
+        # "unlearned" = `vanilla` with the adapter applied inside the traces: one session, shippable to NDIF
+        from . import adapted
+
+        if metric is not score.mse:
+            raise ValueError("metric: a run with an adapter scores inside its session with the paper's loss (mse) "
+                             "only; merge the adapter into a copy of the model (unlearning.adapter.merge) for another")
+        if remote is True:
+            from . import remote as remote_mod
+
+            remote_mod.preflight(vanilla)
+        return adapted.run(vanilla, unlearned, tok, prompt_ids, answer_ids, experiments, window, layers, alignment,
+                           direction, remote, layout)
     exps = experiments_mod.get(experiments)
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")

@@ -3,6 +3,8 @@
 Folder layout:
     unlearning.json        settings, loss curve, timings, base-model identity, package versions
     delta.json, plane*.zst the weights, stored losslessly relative to the vanilla model (see storage.py)
+or, for a run with params="lora", in place of the delta:
+    adapter.json, adapter.safetensors   the low-rank adapter (see adapter.py); the weights are the vanilla ones
 `Unlearned` is the handle the pipeline returns; `.load()` rebuilds the exact model, `.export()` writes a standard
 Hugging Face checkpoint folder.
 """
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from .. import cache, models, validate
 from ..state import STATE
-from . import storage, trainer
+from . import adapter as adapter_mod, storage, trainer
 from .config import UnlearnConfig
 
 RECORD = "unlearning.json"
@@ -45,11 +47,17 @@ def build(folder: Path, model_name: str, forget, retain, config: UnlearnConfig, 
     result = trainer.unlearn(model, tok, forget, retain, config, qa=qa, retain_qa=retain_qa, progress=progress,
                              checkpoint=checkpoint)
     t0 = time.time()
-    # The delta is computed on the CPU (storage works on CPU copies), so the vanilla weights it is taken against are
-    # loaded there, in the runtime dtype the model was trained in: no second model on the GPU.
-    vanilla, _ = models.load(model_name, device="cpu")
-    manifest = storage.save_delta(model, vanilla, folder)
-    del vanilla
+    if result.adapter is not None:
+        manifest = adapter_mod.save(result.adapter, folder)
+        stored = {"encoding": "adapter", "bytes": (Path(folder) / adapter_mod.WEIGHTS).stat().st_size}
+        adapter_mod.merge(model, result.adapter)  # the model handed on (trained=) is the unlearned one, as load() gives
+    else:
+        # The delta is computed on the CPU (storage works on CPU copies), so the vanilla weights it is taken against
+        # are loaded there, in the runtime dtype the model was trained in: no second model on the GPU.
+        vanilla, _ = models.load(model_name, device="cpu")
+        manifest = storage.save_delta(model, vanilla, folder)
+        del vanilla
+        stored = {"encoding": manifest["encoding"], "bytes": sum(manifest["plane_bytes"])}
     record = {
         "format": "dissect-unlearning/unlearned-1",
         "model": model_name,
@@ -65,7 +73,7 @@ def build(folder: Path, model_name: str, forget, retain, config: UnlearnConfig, 
         "n_steps": result.n_steps,
         "n_forget": result.n_forget,
         "n_trainable": result.n_trainable,
-        "storage": {"encoding": manifest["encoding"], "bytes": sum(manifest["plane_bytes"])},
+        "storage": stored,
         "versions": versions(),
         "torch_threads": _threads(),
     }
@@ -133,9 +141,16 @@ class Unlearned:
         if kept is not None and key in kept:
             model, tok = kept[key]
             return (model if shared else copy.deepcopy(model)).eval(), tok
-        dtype = json.loads((self.folder / storage.MANIFEST).read_text())["dtype"]
-        model, tok = models.load(self.model, dtype=dtype)
-        storage.apply_delta(model, self.folder, verify=verify)
+        if self.is_adapter:
+            dtype = json.loads((self.folder / adapter_mod.MANIFEST).read_text())["dtype"]
+            model, tok = models.load(self.model, dtype=dtype)
+            adapter = adapter_mod.load(self.folder, device=next(model.parameters()).device)
+            adapter_mod.fits(adapter, model)
+            adapter_mod.merge(model, adapter)
+        else:
+            dtype = json.loads((self.folder / storage.MANIFEST).read_text())["dtype"]
+            model, tok = models.load(self.model, dtype=dtype)
+            storage.apply_delta(model, self.folder, verify=verify)
         if kept is not None:
             keep(self.folder, model.eval(), tok)
             # One model is kept, and no other of its base model is coming (one task per unlearned model): the
@@ -144,6 +159,19 @@ class Unlearned:
             if not shared:
                 return copy.deepcopy(model).eval(), tok
         return model.eval(), tok
+
+    @property
+    def is_adapter(self) -> bool:
+        """Was the model unlearned as an adapter (params="lora")? Then `.adapter()` gives it, and `.load()` the
+        vanilla model with it merged into the weights."""
+        return adapter_mod.is_stored(self.folder)
+
+    def adapter(self, device="cpu") -> adapter_mod.Adapter:
+        """The adapter of a params="lora" run: what a remote dissection sends with its requests (patching.adapted)."""
+        if not self.is_adapter:
+            raise ValueError(f"{self.folder}: this model was unlearned with params={self.settings.get('params')!r}, "
+                             f"which changes the weights; only params='lora' makes an adapter")
+        return adapter_mod.load(self.folder, device=device)
 
     def export(self, out: str | Path) -> Path:
         """Write a standard Hugging Face checkpoint folder (config, weights, tokenizer) + unlearning.json, atomically."""

@@ -45,9 +45,17 @@ class UnlearnConfig:
     # Loss
     retain_weight: float = 1.5  # weight of the retain NLL (grad_diff's 1.5; 0 = no retain term)
     beta: float = 0.1  # NPO / DPO inverse temperature
-    # What trains: "all" parameters, the "mlp" of every layer, or "last_k:K" decoder layers
+    # What trains: "all" parameters, the "mlp" of every layer, "last_k:K" decoder layers, or "lora": a low-rank
+    # adapter (the weights stay vanilla; see adapter.py), which is what a request to NDIF can carry
     params: str = "all"
     seed: int = 0
+    # The adapter of params="lora": out += (lora_alpha / lora_rank) * (x @ A) @ B on each target module. Ignored, and
+    # left out of the settings' record and cache key, for every other `params`.
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    # module paths inside a decoder layer, comma-separated; "auto" = the MLP projections (gate, up, down) and the
+    # attention output projection, through the architecture map (models.Architecture)
+    lora_targets: str = "auto"
 
     def __post_init__(self):
         problems = list(_problems(self))
@@ -75,7 +83,12 @@ class UnlearnConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.params != "lora":
+            # a full fine-tuning run's record and cache key stay what they were before adapters existed
+            for name in LORA_SETTINGS:
+                del d[name]
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -106,6 +119,11 @@ class UnlearnConfig:
 
 
 FORGET_DATA = ("text", "qa", "text+qa")
+PARAMS = ("all", "mlp", "last_k:K", "lora")
+LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_targets")
+# The most a rank can be: a rank as large as a layer is a full-rank update in a slower form, and a typo of 8000
+# would only show up as memory exhausted.
+MAX_LORA_RANK = 1024
 
 
 def trained_questions(n: int) -> list[int]:
@@ -159,8 +177,10 @@ def _problems(c: UnlearnConfig):
         yield f"retain_weight must be 0 for {c.method} (its loss has no retain term)"
     if not (validate.is_number(c.beta) and c.beta > 0):
         yield f"beta must be a finite number > 0, got {c.beta!r}"
-    if not (c.params in ("all", "mlp") or re.fullmatch(r"last_k:[1-9]\d*", str(c.params))):
-        yield f"params must be one of 'all', 'mlp', 'last_k:K' (K >= 1), got {c.params!r}"
+    if not (c.params in ("all", "mlp", "lora") or re.fullmatch(r"last_k:[1-9]\d*", str(c.params))):
+        yield f"params must be one of 'all', 'mlp', 'last_k:K' (K >= 1), 'lora', got {c.params!r}"
+    if c.params == "lora":
+        yield from _lora_problems(c)
     if not isinstance(c.retain_qa, bool):
         yield f"retain_qa must be true or false, got {c.retain_qa!r}"
     if c.forget_data not in FORGET_DATA:
@@ -179,6 +199,23 @@ def _problems(c: UnlearnConfig):
         yield f"seed must be an integer, got {c.seed!r}"
     if c.retain_concept is not None and not (isinstance(c.retain_concept, str) and c.retain_concept):
         yield f"retain_concept must be a concept name or None, got {c.retain_concept!r}"
+
+
+def _lora_problems(c: UnlearnConfig):
+    if not validate.int_in_range(c.lora_rank, 1, MAX_LORA_RANK):
+        yield f"lora_rank must be {validate.int_words(1, MAX_LORA_RANK)}, got {c.lora_rank!r}"
+    if not (validate.is_number(c.lora_alpha) and c.lora_alpha > 0):
+        yield f"lora_alpha must be a finite number > 0 (the adapter's scale is lora_alpha / lora_rank), got {c.lora_alpha!r}"
+    if not isinstance(c.lora_targets, str) or not c.lora_targets.strip():
+        yield f"lora_targets must be 'auto' or module paths inside a decoder layer, comma-separated, got {c.lora_targets!r}"
+    elif c.lora_targets != "auto":
+        paths = [t.strip() for t in c.lora_targets.split(",")]
+        bad = [t for t in paths if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_0-9]\w*)*", t)]
+        if bad:
+            yield (f"lora_targets: {bad} are not module paths inside a decoder layer (e.g. 'mlp.down_proj'); give "
+                   f"'auto' or paths separated by commas")
+        elif len(set(paths)) != len(paths):
+            yield f"lora_targets names a module twice: {c.lora_targets!r}"
 
 
 def register_method(method: methods.Method) -> methods.Method:

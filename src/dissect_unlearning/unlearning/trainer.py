@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import cache, models, progress as dissect_progress, prompts
-from . import data as data_mod, methods
+from . import adapter as adapter_mod, data as data_mod, methods
 from .config import UnlearnConfig
 
 
@@ -43,6 +43,7 @@ class TrainResult:
     forget_concept: str
     retain_concept: str
     reference_seconds: float = 0.0  # of `seconds`: the up-front reference log-probs (NPO, DPO)
+    adapter: adapter_mod.Adapter | None = None  # the trained adapter of a params="lora" run (the model is vanilla)
 
 
 @contextlib.contextmanager
@@ -74,7 +75,8 @@ def recomputed_activations(model):
 
 
 def trainable_parameters(model, params: str) -> list[tuple[str, torch.nn.Parameter]]:
-    """The parameters an unlearning run updates: 'all', every layer's 'mlp', or the 'last_k:K' decoder layers."""
+    """The parameters an unlearning run updates: 'all', every layer's 'mlp', or the 'last_k:K' decoder layers (a
+    'lora' run updates an adapter's, adapter.init)."""
     named = list(model.named_parameters())
     if params == "all":
         return named
@@ -131,7 +133,8 @@ def reference_logprobs(model, data, parts, indices, pad_id: int, batch_size: int
 
 def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, progress: bool = True,
           checkpoint: Path | None = None) -> TrainResult:
-    """Unlearn in place: `model` leaves in eval mode with the unlearned weights.
+    """Unlearn in place: `model` leaves in eval mode with the unlearned weights. With params="lora" the model's
+    weights stay vanilla and the result's `adapter` holds what was learnt (adapter.py).
 
     `checkpoint`: a folder for the run's state (trained weights, optimiser, scheduler, RNG, step, loss curve),
     written atomically every CHECKPOINT_EVERY steps and, for a small state, when the run is interrupted (Ctrl-C,
@@ -148,7 +151,14 @@ def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, prog
     pad_id = prompts.pad_id(tok)
     n_steps = config.n_steps(len(data.forget))
     steps = schedule(len(data.forget), n_steps, config.batch_size, config.seed)
-    trained = trainable_parameters(model, config.params)
+    lora = adapter_mod.init(model, config) if config.params == "lora" else None
+    if lora is not None:
+        # the adapter's tensors are the trained parameters: leaves of their own, the model's weights frozen below
+        for name, t in lora.named_parameters():
+            t.requires_grad_(True)
+        trained = lora.named_parameters()
+    else:
+        trained = trainable_parameters(model, config.params)
     fingerprint = _fingerprint(data, config, n_steps, trained)
     saved = _load_checkpoint(checkpoint, fingerprint) if checkpoint is not None else None
     if saved is not None:
@@ -208,6 +218,8 @@ def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, prog
     hooks = [p.register_hook(_let_signals_in) for p in params]
     recompute = recomputed_activations(model)
     recompute.__enter__()
+    hooked = adapter_mod.attached(model, lora) if lora is not None else contextlib.nullcontext()
+    hooked.__enter__()
     model.train()
     bar = tqdm(steps[done:], desc=f"unlearn {data.forget_concept} ({config.method})", disable=not progress,
                unit="step", initial=done, total=n_steps)
@@ -249,6 +261,7 @@ def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, prog
                     save(done, rng)
                 raise
     finally:
+        hooked.__exit__(None, None, None)
         recompute.__exit__(None, None, None)
         for hook in hooks:
             hook.remove()
@@ -258,8 +271,12 @@ def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, prog
         for p in model.parameters():
             p.requires_grad_(was_grad[id(p)])
         model.eval()
+        if lora is not None:
+            for _, t in lora.named_parameters():
+                t.requires_grad_(False)
+                t.grad = None
     return TrainResult(curve, time.time() - t0, n_steps, len(data.forget), sum(p.numel() for p in params),
-                       data.forget_concept, data.retain_concept, ref_seconds)
+                       data.forget_concept, data.retain_concept, ref_seconds, lora)
 
 
 def discard_checkpoint(checkpoint: Path) -> None:
