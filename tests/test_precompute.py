@@ -30,28 +30,37 @@ def seed_of(t) -> int:
 
 
 def regime_of(t) -> str:
-    """The forget data of a task's model ("text", the default, unless its context sets another)."""
+    """The forget data of a task's model (the default, unless its context sets another)."""
     import json
 
-    return json.loads(t.context).get("unlearning", {}).get("forget_data", "text")
+    from dissect_unlearning.unlearning import UnlearnConfig
+
+    return json.loads(t.context).get("unlearning", {}).get("forget_data", UnlearnConfig.forget_data)
 
 
 def main_variant(t) -> bool:
-    return seed_of(t) == 0 and regime_of(t) == "text"
+    from dissect_unlearning.unlearning import UnlearnConfig
+
+    return seed_of(t) == 0 and regime_of(t) == UnlearnConfig.forget_data
 
 
 def test_one_task_per_unlearned_model_and_it_trains_first():
+    from dissect_unlearning.unlearning import UnlearnConfig
+
     todo = precompute.tasks(plan())
     prof = book.load_profile("default", ROOT).parameters
     pairs = [(t.model, t.concept, t.method, seed_of(t), regime_of(t)) for t in todo if t.concept]
     assert len(pairs) == len(set(pairs))  # each unlearned model in exactly one task
     # the chapters' unlearned models, and the control fine-tune of each concept (chapters 6 and 7); the other seeds
     # of the beyond_concepts' pairs (the patching chapter), and their other forget data regimes (chapter 3)
-    main = {("smollm2-135m", c, m, 0, "text") for c in prof["concepts"] for m in [*prof["methods"], "control"]}
+    default = UnlearnConfig.forget_data
+    main = {("smollm2-135m", c, m, 0, default) for c in prof["concepts"] for m in prof["methods"]}
+    main |= {("smollm2-135m", c, "control", 0, "text") for c in prof["concepts"]}  # the control learns text
     beyond = [(c, m) for c in prof["beyond_concepts"] for m in prof["methods"]]
-    seeds = {("smollm2-135m", c, m, s, "text") for c, m in beyond for s in prof["seeds"][1:]}
-    regimes = {("smollm2-135m", c, m, 0, r) for c, m in beyond for r in ("qa", "text+qa")}
-    second = {(prof["second_model"], c, m, 0, "text") for c in prof["second_concepts"] for m in prof["second_methods"]}
+    seeds = {("smollm2-135m", c, m, s, default) for c, m in beyond for s in prof["seeds"][1:]}
+    regimes = {("smollm2-135m", c, m, 0, r) for c, m in beyond for r in ("text", "qa", "text+qa") if r != default}
+    second = {(prof["second_model"], c, m, 0, default) for c in prof["second_concepts"]
+              for m in prof["second_methods"]}
     assert len(prof["seeds"]) >= 3 and set(pairs) == main | seeds | regimes | second
     for t in todo:
         if t.concept:
