@@ -11,6 +11,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import platform
 import re
@@ -172,6 +173,10 @@ def _kernels_stopped():
     try:
         yield
     except KeyboardInterrupt:
+        # The stop is ours: what nbclient and asyncio report about the kernel dying below (a DeadKernelError from
+        # a poll that was still pending) is noise, printed as a traceback at the end of the process
+        for name in ("nbclient", "papermill", "asyncio", "traitlets", "jupyter_client"):
+            logging.getLogger(name).disabled = True
         for pid in set(progress.descendants(os.getpid())) - before:
             with contextlib.suppress(OSError):  # gone meanwhile
                 if b"ipykernel" in Path(f"/proc/{pid}/cmdline").read_bytes():
