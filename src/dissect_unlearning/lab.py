@@ -27,9 +27,26 @@ KRS_TOLERANCE = 1e-5
 
 def study(params: Mapping, **overrides) -> Study:
     """The chapter's study: its parameters, narrowed to the first concept of `concepts` and the first method of
-    `methods` (one unlearned model)."""
+    `methods` (one unlearned model). A `question` among the parameters is checked against the questions that model
+    may be scored on, so that a run with too large a number fails before anything is computed."""
     full = Study.from_params(params, **overrides)
-    return Study.from_params(params, **{**overrides, "concepts": full.concepts[:1], "methods": full.methods[:1]})
+    s = Study.from_params(params, **{**overrides, "concepts": full.concepts[:1], "methods": full.methods[:1]})
+    question = {**params, **overrides}.get("question")
+    if question is not None:
+        validate.check_int(question, "question", 0)
+        n = len(questions(s))
+        if question >= n:
+            raise ValueError(f"question: {question} is out of range; concept {s.concepts[0]!r} has {n} question(s) "
+                             f"the unlearned model is not trained on (0..{n - 1})")
+    return s
+
+
+def questions(s: Study) -> list[int]:
+    """The indices of the chapter's concept's questions its unlearned model may be scored on, in order."""
+    from . import pipeline, unlearning
+
+    config = unlearning.UnlearnConfig.for_method(s.methods[0], **s.params["unlearning"])
+    return pipeline.scorable(config, s.concept_set.get(s.concepts[0]))
 
 
 def window(s: Study) -> list[int]:
@@ -100,8 +117,7 @@ def case(s: Study, question: int = 0) -> Case:
     handle = s.unlearned(concept.label, method)
     answers = s.answers(include_unrelated=False)
     rows = answers[(answers.concept == concept.label) & (answers.kind == "target")]
-    allowed = pipeline.scorable(handle.config, concept)
-    rows = rows[rows.question_index.isin(allowed)].sort_values("question_index")
+    rows = rows[rows.question_index.isin(pipeline.scorable(handle.config, concept))].sort_values("question_index")
     if question >= len(rows):
         raise ValueError(f"question: {question} is out of range; concept {concept.label!r} has {len(rows)} question(s) the "
                          f"unlearned model was not trained on (0..{len(rows) - 1})")
