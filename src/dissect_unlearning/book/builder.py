@@ -117,9 +117,12 @@ def build(profile: str | Path = "default", only=None, overrides: dict | None = N
                 print(f"[book] note: the chapters computed artefacts the precompute stage did not ({counts}); "
                       f"precompute.tasks() is missing a stage some chapter uses", flush=True)
             if html:
-                src = stage(root, build_dir, report.runs, prof.name, keep=prof.only)
+                # A profile's selection, plus any chapter named on the command line (`run` of another chapter)
+                keep = None if prof.only is None else [*prof.only, *(ch.stem for ch in selected
+                                                                     if ch.stem not in prof.only)]
+                src = stage(root, build_dir, report.runs, prof.name, keep=keep)
                 missing = [ch.stem for ch in all_chapters
-                           if ch.in_toc and (prof.only is None or ch.stem in prof.only)
+                           if ch.in_toc and (keep is None or ch.stem in keep)
                            and not (src / "notebooks" / f"{ch.stem}.ipynb").is_file()]
                 if missing and verbose:
                     print(f"[book] not in this HTML (never built; run `dissect-unlearning build`): "
