@@ -144,12 +144,19 @@ def test_smoke_chapter_tables_equal_the_fixture_within_1e_6():
     print(f"smoke chapter tables: {len(tables)} tables equal the fixture; sha256 {digest.hexdigest()[:16]}")
 
 
+LESSON = "lesson"  # the mechanics chapter's cells whose nnsight code is what the chapter teaches: shown, and counted apart
+
+
 def test_chapters_are_thin_a_study_a_few_calls_a_chart_a_verdict():
     # the logic lives in the package where it is tested: a chapter reaches nothing below the study
     for ch in book.chapters(ROOT):
         nb = json.loads(ch.path.read_text())
+        lesson = [line for c in nb["cells"] if LESSON in c["metadata"].get("tags", [])
+                  for line in "".join(c["source"]).splitlines() if line.strip()]
+        assert not lesson or ch.stem == "02b_mechanics", f"{ch.stem}: only the mechanics chapter has lesson cells"
+        assert len(lesson) <= 45, f"{ch.stem}: {len(lesson)} lines of lesson code: more than a class can type"
         code = ["".join(c["source"]) for c in nb["cells"]
-                if c["cell_type"] == "code" and "parameters" not in c["metadata"].get("tags", [])]
+                if c["cell_type"] == "code" and not {"parameters", LESSON} & set(c["metadata"].get("tags", []))]
         lines = [line for src in code for line in src.splitlines() if line.strip()]
         assert len(lines) <= 30, f"{ch.stem}: {len(lines)} lines of code besides the parameters"
         text = "\n".join(lines)

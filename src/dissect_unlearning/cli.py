@@ -112,6 +112,20 @@ def _cmd_run(args) -> int:
             for name in overrides:
                 print(f"  {name} = {json.dumps(values[name])}  (default {json.dumps(declared[name].default)})")
         return 0
+    if args.plan:
+        plan = book.plan_chapter(chapter.stem, args.profile, _book_overrides(args.param))
+        print(f"[plan] {chapter.stem} with profile {args.profile}: every value checked; nothing computed")
+        for name, value in plan.params.items():
+            print(f"  {name} = {json.dumps(value)}  ({plan.sources[name]})")
+        stages = {}
+        for r in plan.requests:
+            stages.setdefault(r.stage, []).append(r)
+        for stage, reqs in stages.items():
+            pairs = sorted({f"{r.concept} / {r.method}" for r in reqs if r.concept})
+            print(f"  asks for: {stage} x {len(reqs)}" + (f" ({', '.join(pairs)})" if pairs else ""))
+        print("  an identical run is cached: it would be reused" if plan.cached
+              else "  not cached: a run would execute it")
+        return 0
     if args.output:
         validate.check_output_folder(args.output, "--output")
     report = book.build(args.profile, only=[chapter.stem], overrides=_book_overrides(args.param), force=args.force,
@@ -349,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-p", "--param", action="append", metavar="NAME=VALUE",
                    help="set a parameter of the chapter (value read as YAML: 3, true, null, [a, b])")
     r.add_argument("--list-params", action="store_true", help="print the chapter's parameters and allowed values")
+    r.add_argument("--plan", action="store_true", help="check the profile, the chapter and every -p value, and list "
+                   "what the chapter would compute, without computing or executing anything (a dry run)")
     r.add_argument("--force", action="store_true", help="execute even if an identical run is cached")
     r.add_argument("--no-html", action="store_true", help="execute only; do not run Jupyter Book")
     r.add_argument("--output", help="folder that receives _build/ (default: the project folder)")

@@ -481,6 +481,37 @@ def relearning_curves(relearn: pd.DataFrame, metric: str = "rougeL",
 # --------------------------------------------------------------------------------------------------------------------
 # Showing a chart in the book: local JavaScript, static SVG beside the page
 # --------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------------
+# The mechanics chapter: one question's answer tokens
+# --------------------------------------------------------------------------------------------------------------------
+def token_probabilities(table: pd.DataFrame, title: str = "Probability of each token of the vanilla answer"
+                        ) -> alt.Chart:
+    """Grouped bars: for each answer token (in order), the probability each run gives it.
+
+    `table`: lab.token_table() (columns run, position, token, probability). A run named after the vanilla model, a
+    method or an experiment takes its label and colour ("coef" reads "MLP coefficients restored"); others keep their
+    name. One question, no interval: the bars are the exact probabilities.
+    """
+    require_columns(table, ["run", "position", "token", "probability"], "token_probabilities", allow_empty=False)
+    labels = {**method_labels(), **{k: f"{v} restored" for k, v in experiment_labels().items()}}
+    colours = {**method_colours(), **experiment_colours()}
+    runs = list(dict.fromkeys(table["run"]))
+    shown = [labels.get(r, r) for r in runs]
+    domain, rng = _palette(runs, colours)
+    scale = alt.Scale(domain=[labels.get(r, r) for r in domain], range=rng)
+    data = table.assign(run=table["run"].map(lambda r: labels.get(r, r)),
+                        slot=table["position"].astype(int).astype(str) + ": " + table["token"].map(repr))
+    order = list(dict.fromkeys(data.sort_values("position")["slot"]))
+    return alt.Chart(data, title=title).mark_bar().encode(
+        x=alt.X("slot:N", title="answer token (position: text)", sort=order, axis=alt.Axis(labelAngle=-45)),
+        xOffset=alt.XOffset("run:N", sort=shown),
+        y=alt.Y("probability:Q", title="probability of the vanilla token", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("run:N", title=None, scale=scale, sort=shown, legend=alt.Legend(orient="bottom")),
+        tooltip=[alt.Tooltip("run:N"), alt.Tooltip("position:Q"), alt.Tooltip("token:N"),
+                 alt.Tooltip("probability:Q", format=".3f")],
+    ).properties(width=alt.Step(max(6, 40 // max(1, len(runs)))), height=220)
+
+
 def javascript_bundle() -> str:
     """vega + vega-lite + vega-embed in one script that sets window.vegaEmbed (vl-convert builds it offline)."""
     import vl_convert

@@ -273,6 +273,11 @@ class Study:
         return self._call("answers", None, None, select=self.concepts, include_unrelated=include_unrelated,
                           max_new_tokens=self.params["max_new_tokens"], empty=pipeline.ANSWER_COLUMNS)
 
+    def unlearned(self, concept: str, method: str, seed: int | None = None):
+        """The unlearned model of (concept, method) with `seed` (default: the first of `seeds`): pipeline.unlearned's
+        handle (.load() -> (model, tokenizer), .config, ...); None in plan mode, where the request is recorded."""
+        return self._call("unlearned", concept, method, seed=self.params["seeds"][0] if seed is None else seed)
+
     def training(self, scope: str = "all") -> pd.DataFrame:
         """The loss curve of every unlearning run (TRAINING_COLUMNS; train_seconds = the run's training time)."""
         frames = []

@@ -11,7 +11,7 @@ the chapters, the tables and the reference page), `execute` (one chapter through
 Jupyter Book source folder and its rendering), `builder` (the whole book).
 """
 from ..concepts import concept_set  # the chapters' old spelling of concepts.concept_set
-from .builder import BuildReport, build
+from .builder import BuildReport, ChapterPlan, build, plan_chapter
 from .chapter import Chapter, Parameter, check_documented, chapters, find_chapter, toc_files
 from .execute import KERNEL_NAME, VERSIONED, ChapterRun, execute_chapter, versions
 from .pages import (describe_parameters, glue, glue_verdict, parameters_reference, parameters_table,
@@ -24,7 +24,7 @@ from .staging import render_html, stage
 
 __all__ = [
     "BOOK_ENV", "KERNEL_NAME", "PARAMETERS", "PATH_PARAMETERS", "PROMPT_FORMATS", "UNLEARNING_SETTINGS",
-    "VERSIONED", "BookError", "BuildReport", "Chapter", "ChapterRun", "ParamSpec", "Parameter", "Profile", "build",
+    "VERSIONED", "BookError", "BuildReport", "Chapter", "ChapterPlan", "plan_chapter", "ChapterRun", "ParamSpec", "Parameter", "Profile", "build",
     "chapters", "check_documented", "check_overrides", "check_value", "concept_set", "describe_parameters",
     "execute_chapter", "find_chapter", "glue", "glue_verdict", "load_profile",
     "parameters_reference", "parameters_table", "parse_assignment", "profile_names", "profiles_table",

@@ -43,7 +43,8 @@ class BuildReport:
 def build(profile: str | Path = "default", only=None, overrides: dict | None = None, *, root: Path | None = None,
           output: Path | None = None, force: bool = False, html: bool = True, verbose: bool = True,
           jobs: int = 1, precompute: bool = True) -> BuildReport:
-    """Execute the chapters of the toc (or only those named) with `profile` (+ -p overrides) and render the book.
+    """Execute the chapters of the toc (or only those named, else those of the profile's `only`) with `profile`
+    (+ -p overrides) and render the book (of the profile's `only` chapters alone, when it has that key).
 
     Everything is checked before anything runs: profile, chapter names, parameter names and values.
     `output`: the folder that receives `_build/` (default: the project folder).
@@ -61,6 +62,8 @@ def build(profile: str | Path = "default", only=None, overrides: dict | None = N
     all_chapters = chapters(root)
     if only:
         selected = [find_chapter(n, root) for n in ([only] if isinstance(only, str) else only)]
+    elif prof.only is not None:  # the profile's own selection, in toc order
+        selected = [ch for ch in all_chapters if ch.stem in prof.only]
     else:
         selected = [ch for ch in all_chapters if ch.in_toc]
     if not selected:
@@ -114,9 +117,13 @@ def build(profile: str | Path = "default", only=None, overrides: dict | None = N
                 print(f"[book] note: the chapters computed artefacts the precompute stage did not ({counts}); "
                       f"precompute.tasks() is missing a stage some chapter uses", flush=True)
             if html:
-                src = stage(root, build_dir, report.runs, prof.name)
+                # A profile's selection, plus any chapter named on the command line (`run` of another chapter)
+                keep = None if prof.only is None else [*prof.only, *(ch.stem for ch in selected
+                                                                     if ch.stem not in prof.only)]
+                src = stage(root, build_dir, report.runs, prof.name, keep=keep)
                 missing = [ch.stem for ch in all_chapters
-                           if ch.in_toc and not (src / "notebooks" / f"{ch.stem}.ipynb").is_file()]
+                           if ch.in_toc and (keep is None or ch.stem in keep)
+                           and not (src / "notebooks" / f"{ch.stem}.ipynb").is_file()]
                 if missing and verbose:
                     print(f"[book] not in this HTML (never built; run `dissect-unlearning build`): "
                           f"{', '.join(missing)}")
@@ -135,6 +142,38 @@ def build(profile: str | Path = "default", only=None, overrides: dict | None = N
             print(f"[book] precompute: {_cpu_by_stage(report.precomputed)}", flush=True)
         print(f"[book] {watch.summary()}; built in {progress.clock(report.seconds)}", flush=True)
     return report
+
+
+@dataclass
+class ChapterPlan:
+    """What `dissect-unlearning run CHAPTER --plan` reports: the values a run would use and what it would ask for."""
+
+    chapter: object  # Chapter
+    params: dict
+    sources: dict  # parameter -> where its value came from
+    requests: list  # study.Request: the stages the chapter's study cells ask for
+    cached: bool  # an identical run of the chapter is in the cache (it would be reused)
+
+
+def plan_chapter(name: str, profile: str | Path = "default", overrides: dict | None = None, *,
+                 root: Path | None = None) -> ChapterPlan:
+    """Check a run of one chapter as `build` would (profile, chapter, -p names and values, the values together) and
+    run its `study` cells in plan mode: nothing is loaded, trained or executed. Raises BookError / ValueError naming
+    what is wrong."""
+    from .. import precompute
+
+    root = Path(root).resolve() if root else project_root()
+    ch = find_chapter(name, root)
+    check_documented(ch)
+    prof = load_profile(profile, root)
+    checked = check_overrides(overrides or {}, [ch])
+    params, sources = resolve_parameters(ch, prof, checked, with_sources=True)
+    try:
+        asked = precompute.requests(ch.path, params)
+    except (ValueError, KeyError) as exc:
+        raise BookError(f"chapter {ch.stem}: {validate.one_line(exc)}") from None
+    cached = cache.lookup("chapter", chapter_inputs(ch, params)) is not None
+    return ChapterPlan(ch, params, sources, asked, cached)
 
 
 def _cpu_by_stage(results: list[dict]) -> str:

@@ -30,19 +30,28 @@ class Chapter:
     path: Path
     in_toc: bool
 
+    # A chapter inserted after chapter N without renumbering the others is "Nb_name" (02b_mechanics): its place is
+    # "2b", and the number alone (2) names chapter N itself.
+    @property
+    def place(self) -> str | None:
+        """'4' for 04_patching, '2b' for 02b_mechanics; None for a stem without a leading number."""
+        m = re.match(r"(\d+)([a-z]?)_", self.stem)
+        return f"{int(m.group(1))}{m.group(2)}" if m else None
+
     @property
     def number(self) -> int | None:
-        m = re.match(r"(\d+)_", self.stem)
-        return int(m.group(1)) if m else None
+        return int(self.place) if self.place and self.place.isdigit() else None
 
     @property
     def slug(self) -> str:
-        return re.sub(r"^\d+_", "", self.stem)
+        return re.sub(r"^\d+[a-z]?_", "", self.stem)
 
     def matches(self, name: str) -> bool:
         name = str(name).strip().removesuffix(".ipynb").replace("-", "_")
         name = name.split("/")[-1]
-        return name in (self.stem, self.slug) or (name.isdigit() and self.number == int(name))
+        place = re.fullmatch(r"(\d+)([a-z]?)", name)
+        return name in (self.stem, self.slug) or (place is not None and self.place is not None
+                                                   and self.place == f"{int(place.group(1))}{place.group(2)}")
 
     def parameters(self) -> dict[str, Parameter]:
         """The notebook's documented parameters (parsed from its `parameters` cell), in order."""
@@ -121,4 +130,4 @@ def find_chapter(name: str, root: Path | None = None) -> Chapter:
     for ch in chs:
         if ch.matches(name):
             return ch
-    raise BookError(f"no chapter {name!r}; chapters: " + ", ".join(f"{ch.stem} ({ch.number}, {ch.slug})" for ch in chs))
+    raise BookError(f"no chapter {name!r}; chapters: " + ", ".join(f"{ch.stem} ({ch.place}, {ch.slug})" for ch in chs))

@@ -119,8 +119,9 @@ def profiles_table(root: Path | None = None) -> str:
     for name in profile_names(root):
         prof = load_profile(name, root)
         rows.append([f"`{name}`", prof.description.replace("|", "\\|"),
-                     _md_cell_text(prof.parameters.get("model", "-"))])
-    return _md_table(["profile", "what it is for", "model"], rows)
+                     _md_cell_text(prof.parameters.get("model", "-")),
+                     "all" if prof.only is None else ", ".join(prof.only)])
+    return _md_table(["profile", "what it is for", "model", "chapters"], rows)
 
 
 def parameters_reference() -> str:

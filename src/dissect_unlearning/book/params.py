@@ -201,6 +201,8 @@ PARAMETERS: dict[str, ParamSpec] = {
     "device": ParamSpec("null (the model's default), " + ", ".join(validate.DEVICES[:-1]) + " or "
                         + validate.DEVICES[-1], validate.check_device),
     "dtype": ParamSpec("null (the model's default) or one of " + ", ".join(validate.DTYPES), validate.check_dtype),
+    "question": ParamSpec("an integer >= 0: which of the concept's scored questions (those the unlearned model was "
+                          "not trained on, in order) the mechanics chapter dissects", _int(0)),
     "seed": ParamSpec("an integer >= 0", _int(0)),
     "seeds": ParamSpec("a non-empty list of distinct integers >= 0: the unlearning seeds of each (concept, method) of "
                        "beyond_concepts, one unlearned model per seed (the other pairs use the first seed)", _seeds),

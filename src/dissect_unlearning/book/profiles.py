@@ -1,10 +1,15 @@
 """Profiles (`profiles/<name>.yml`) and the parameter values a chapter runs with.
 
-A profile is a set of parameter values shared by all chapters, plus optional per-chapter overrides:
+A profile is a set of parameter values shared by all chapters, plus optional per-chapter overrides and an optional
+selection of the chapters it builds:
 
     description: one line
     parameters: {model: smollm2-135m, concepts: 5, ...}
     chapters: {patching: {window: 3}}
+    only: [mechanics, surface, patching, restoration]
+
+`only` (chapter names, numbers or stems) makes `dissect-unlearning build --profile P` execute those chapters and
+render a book of them alone (with the introduction and the reference page); without it, every chapter of _toc.yml.
 """
 from __future__ import annotations
 
@@ -13,9 +18,12 @@ from pathlib import Path
 
 import yaml
 
-from .chapter import Chapter, find_chapter
+from .chapter import Chapter, chapters, find_chapter
 from .params import PATH_PARAMETERS, check_together, check_value
 from .project import BookError, project_root
+
+
+PROFILE_KEYS = ("description", "parameters", "chapters", "only")
 
 
 @dataclass
@@ -25,6 +33,7 @@ class Profile:
     parameters: dict
     chapters: dict  # chapter stem -> {name: value}
     path: Path | None = None
+    only: list[str] | None = None  # the stems of the chapters the profile builds (toc order); None: every chapter
 
 
 class _DuplicateKey(Exception):
@@ -74,10 +83,9 @@ def load_profile(name: str | Path, root: Path | None = None) -> Profile:
         raise BookError(f"{where}: not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
         raise BookError(f"{where}: expected a mapping with keys description, parameters, chapters")
-    extra = set(data) - {"description", "parameters", "chapters"}
+    extra = set(data) - set(PROFILE_KEYS)
     if extra:
-        raise BookError(f"{where}: unknown key(s) {', '.join(sorted(extra))}; valid keys: description, parameters, "
-                        f"chapters")
+        raise BookError(f"{where}: unknown key(s) {', '.join(sorted(extra))}; valid keys: {', '.join(PROFILE_KEYS)}")
     params = {k: check_value(k, v, f"{where}, parameters") for k, v in (data.get("parameters") or {}).items()}
     per_chapter = {}
     for ch_name, over in (data.get("chapters") or {}).items():
@@ -90,7 +98,18 @@ def load_profile(name: str | Path, root: Path | None = None) -> Profile:
                 raise BookError(f"{where}, chapters.{ch_name}: chapter {ch.stem} has no parameter {k!r}; valid "
                                 f"names: {', '.join(declared)}")
         per_chapter[ch.stem] = {k: check_value(k, v, f"{where}, chapters.{ch_name}") for k, v in over.items()}
-    return Profile(path.stem, str(data.get("description") or ""), params, per_chapter, path)
+    only = None
+    if "only" in data:
+        names = data["only"]
+        if not isinstance(names, list) or not names or not all(isinstance(n, (str, int)) for n in names):
+            raise BookError(f"{where}, only: expected a non-empty list of chapters (names, numbers or stems), "
+                            f"got {names!r}")
+        chosen = {find_chapter(str(n), root).stem for n in names}
+        for ch in chapters(root):
+            if ch.stem in chosen and not ch.in_toc:
+                raise BookError(f"{where}, only: chapter {ch.stem} is not in _toc.yml, so the book has no page for it")
+        only = [ch.stem for ch in chapters(root) if ch.stem in chosen]
+    return Profile(path.stem, str(data.get("description") or ""), params, per_chapter, path, only)
 
 
 def resolve_parameters(chapter: Chapter, profile: Profile, overrides: dict | None = None,

@@ -116,10 +116,18 @@ def staged_config(path: Path) -> str:
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def stage(root: Path, build_dir: Path, runs: list[ChapterRun], profile: str) -> Path:
-    """Write the Jupyter Book source folder: config, toc (chapters present only), pages, static files, notebooks."""
+def stage(root: Path, build_dir: Path, runs: list[ChapterRun], profile: str, keep: list[str] | None = None) -> Path:
+    """Write the Jupyter Book source folder: config, toc (chapters present only), pages, static files, notebooks.
+
+    keep: the stems of the chapters the book may show (a profile's `only`); a page staged by an earlier build of
+    another chapter is removed. None keeps every staged chapter (after `--only`, the others keep their last build)."""
     src = build_dir / "book"
     (src / "notebooks").mkdir(parents=True, exist_ok=True)
+    if keep is not None:
+        for old in (src / "notebooks").glob("*.ipynb"):
+            if old.stem not in keep:
+                old.unlink()
+                shutil.rmtree(src / "_extra" / "notebooks" / "figures" / old.stem, ignore_errors=True)
     _write_if_changed(src / "_config.yml", staged_config(root / "_config.yml").encode())
     for p in (root / "book").rglob("*"):
         rel = p.relative_to(root / "book")
