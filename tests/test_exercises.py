@@ -79,7 +79,7 @@ def test_every_exercise_command_runs_as_written_in_plan_mode(stem, line):
     ("dissect-unlearning run patchin --profile lab -p window=1", "no chapter 'patchin'"),
     ("dissect-unlearning run patching --profile lab -p windw=1", "has no parameter 'windw'"),
     ("dissect-unlearning run patching --profile lab -p window=0", "bad value 0 for parameter 'window'"),
-    ("dissect-unlearning run surface --profile lab -p window=3", "03_surface has no parameter 'window'"),
+    ("dissect-unlearning run surface --profile lab -p relearn_lr=0.001", "03_surface has no parameter 'relearn_lr'"),
     ("dissect-unlearning run mechanics --profile lab -p layers=[-40]", "layer -40 does not exist"),
     ("dissect-unlearning run mechanics --profile lab -p question=6", "question: 6 is out of range"),
     ("dissect-unlearning run surface --profile lab -p \"unlearning={stepz: 3}\"", "parameter 'unlearning'"),

@@ -53,9 +53,11 @@ def window(s: Study) -> list[int]:
     """The layers the chapter patches, as non-negative layer numbers: `layers` when set, else the last `window`
     layers of the model (where the paper finds the coefficients matter most)."""
     n = models.n_layers_of(s.model)
-    if n is None:  # a hub model never downloaded: its load will say why
-        raise ValueError(f"model {s.model!r}: its layer count cannot be read without loading it")
     layers = s.params["layers"]
+    if n is None:
+        # A model not provisioned or downloaded yet (planning a build before it is): the same layers counted from
+        # the end, which the engine resolves once the model is loaded; loading it will say what is missing
+        return list(range(-s.params["window"], 0)) if layers is None else list(layers)
     if layers is None:
         validate.check_window(s.params["window"], n)
         return list(range(n - s.params["window"], n))
