@@ -150,9 +150,10 @@ def test_retain_concept_is_never_the_forget_concept():
 def test_forget_set_is_text_chunks_plus_answers_and_retain_is_repeated_to_its_length(tiny_llama, cset):
     _, tok = tiny_llama
     chunks = udata.text_chunks(tok, TEXTS["Harry Potter"], 8)
-    cfg, text = tiny_data(tok, cset)  # the paper's forget data: the text alone
-    assert cfg.forget_data == "text" and [e.source for e in text.forget] == [f"text:{i}" for i in range(len(chunks))]
-    cfg, data = tiny_data(tok, cset, forget_data="text+qa")
+    cfg, text = tiny_data(tok, cset, forget_data="text")  # the paper's forget data: the text alone
+    assert [e.source for e in text.forget] == [f"text:{i}" for i in range(len(chunks))]
+    cfg, data = tiny_data(tok, cset)  # the default: the text and the first half of the questions
+    assert cfg.forget_data == "text+qa"
     # of the two questions only the first is trained on: the other is the one the book scores
     assert [e.source for e in data.forget] == [f"text:{i}" for i in range(len(chunks))] + ["qa:0"]
     assert all(len(e.input_ids) <= 8 for e in data.forget[:len(chunks)])
@@ -167,7 +168,7 @@ def test_forget_set_is_text_chunks_plus_answers_and_retain_is_repeated_to_its_le
                                                                  + tok("paris is a city")["input_ids"])]
     retain_ids = [t for e in data.retain[:n_text] for t in e.input_ids]
     assert set(retain_ids) <= set(tok(TEXTS["Paris"])["input_ids"])
-    _, text_only = tiny_data(tok, cset, retain_qa=False)
+    _, text_only = tiny_data(tok, cset, retain_qa=False, forget_data="text")
     assert all(e.source.startswith("text:") for e in text_only.retain)
     _, idk = tiny_data(tok, cset, "idk_dpo")
     assert [e.source for e in idk.forget] == ["qa:0"]
@@ -613,7 +614,8 @@ def test_a_model_trained_on_questions_is_scored_only_on_the_others(tiny_checkpoi
     relearned = pipeline.relearn(tiny_checkpoint, concept_file, "Paris", "grad_diff", steps=(0,), data="unrelated",
                                  progress=False, settings=settings)
     assert set(relearned[relearned.metric == "rougeL"].n) == {1}
-    text_only = pipeline.unlearned(tiny_checkpoint, concept_file, "Paris", "grad_diff", progress=False, **FAST)
+    text_only = pipeline.unlearned(tiny_checkpoint, concept_file, "Paris", "grad_diff", progress=False,
+                                   **{**FAST, "forget_data": "text"})
     assert set(pipeline.sweep(tiny_checkpoint, text_only, concept_file, "Paris", experiments=["coef"], layers=[-1],
                               progress=False).question_index) == {0, 1}  # trained on text: every question
 

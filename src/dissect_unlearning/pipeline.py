@@ -453,7 +453,8 @@ def _unlearned_handle(unlearned) -> dict:
                          "pipeline.unlearned, or a loaded (model, tokenizer) tuple)")
     if isinstance(unlearned, (str, Path)):
         name = str(unlearned)
-        return {"label": name, "identity": models.identity(name), "load": lambda: models.load(name), "config": None}
+        return {"label": name, "identity": models.identity(name), "load": lambda: models.load(name), "config": None,
+                "adapter": None}
     if isinstance(unlearned, tuple) and len(unlearned) == 2:
         model, tok = unlearned
         label = getattr(getattr(model, "config", None), "_name_or_path", "") or "<in-memory model>"

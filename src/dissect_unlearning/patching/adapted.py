@@ -27,7 +27,7 @@ from .. import models
 from ..unlearning import adapter as adapter_mod
 from . import batch as batch_mod, experiments as experiments_mod, sites as sites_mod
 from .windows import windows as make_windows  # (the package rebinds its `windows` attribute to this function)
-from .engine import DIRECTIONS, ENGINE_COLUMNS, REMOTE_CHOICES, wrap
+from .common import DIRECTIONS, ENGINE_COLUMNS, REMOTE_CHOICES, wrap
 
 # Within a module, the order a trace touches it in: its input, then its output (nnsight follows the forward pass).
 _PHASE = {"read_in": 0, "write_in": 0, "lora": 1, "lora_on": 1, "read_out": 2, "write_out": 2}
@@ -195,14 +195,13 @@ def _session(lm, inputs: batch_mod.ScoringInputs, model, remote, source_ops, tar
 
 
 def change(model, adapter: adapter_mod.Adapter, tok, prompt_ids, answer_ids, remote=False):
-    """change.change for "unlearned" = `model` + `adapter`: one row per (layer, quantity), change.CHANGE_COLUMNS.
+    """change.change for "unlearned" = `model` + `adapter`: one row per (layer, quantity) (change.change puts the
+    columns in CHANGE_COLUMNS' order: this module does not import that one, which calls it).
 
     The activations come from one session (adapter off, adapter on), which returns their norms only. The weights'
     norms are the local vanilla model's, and the change of a weight is the adapter's term, scale (A B)^T, exactly:
     zero for a parameter the adapter does not adapt."""
     import pandas as pd
-
-    from .change import CHANGE_COLUMNS
 
     if remote not in REMOTE_CHOICES:
         raise ValueError(f"remote must be False, True or 'local', got {remote!r}")
@@ -232,7 +231,7 @@ def change(model, adapter: adapter_mod.Adapter, tok, prompt_ids, answer_ids, rem
                                           torch.zeros((), dtype=torch.float64))))
                 rows.append({"layer": i, "quantity": q.name, "norm_vanilla": nv, "norm_diff": nd,
                              "rel_change": nd / nv if nv else float("nan")})
-    return pd.DataFrame.from_records(rows, columns=CHANGE_COLUMNS)
+    return pd.DataFrame.from_records(rows)
 
 
 def _change_session(lm, inputs, model, remote, vanilla_ops, unlearned_ops, keys) -> torch.Tensor:

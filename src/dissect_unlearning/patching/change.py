@@ -50,7 +50,7 @@ def change(vanilla, unlearned, tok, prompt_ids, answer_ids, remote=False):
             from . import remote as remote_mod
 
             remote_mod.preflight(vanilla)
-        return adapted.change(vanilla, unlearned, tok, prompt_ids, answer_ids, remote=remote)
+        return adapted.change(vanilla, unlearned, tok, prompt_ids, answer_ids, remote=remote)[CHANGE_COLUMNS]
     check_remote_pair(vanilla, unlearned, remote)
     check_remote(remote)
     arch = check_pair(vanilla, unlearned)

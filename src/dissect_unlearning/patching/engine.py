@@ -35,19 +35,8 @@ import torch
 from .. import models
 from . import batch as batch_mod, experiments as experiments_mod, score, sites as sites_mod, windows as windows_mod
 from .restore import restored_parameters
-
-DIRECTIONS = ("forward", "reverse")
-REMOTE_CHOICES = (False, True, "local")
-
-# One row per (experiment, window, question).
-ENGINE_COLUMNS = [
-    "experiment", "direction", "window_size", "center_layer", "layers", "question_index", "answer_positions",
-    "n_positions", "loss_patched", "loss_unpatched", "krs", "kl", "kl_unpatched", "top1_agree", "top1_agree_unpatched",
-]
-
-
-class RemoteUnavailableError(RuntimeError):
-    """remote=True cannot work here (no NDIF API key, or NDIF cannot be reached)."""
+# Shared with the adapter path (adapted.py), which the engine hands adapter runs to; re-exported from here
+from .common import DIRECTIONS, ENGINE_COLUMNS, REMOTE_CHOICES, RemoteUnavailableError, wrap  # noqa: F401
 
 
 class RemoteLocalModelError(ValueError):
@@ -110,17 +99,6 @@ def check_remote(remote, experiments=(), *, probe_network: bool = True) -> None:
             raise RemoteUnavailableError(f"remote=True: NDIF at {CONFIG.API.HOST} cannot be reached ({exc}); check "
                                          f"the network, or use remote='local' / remote=False") from exc
 
-
-def wrap(model, tok):
-    """An nnsight LanguageModel around an already loaded HF model. Wrapping leaves no hooks behind and holds the
-    model only as long as the wrapper lives, so each run wraps afresh (one wrapper per model object)."""
-    import warnings
-
-    from nnsight import LanguageModel
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "LanguageModel is a deprecated alias of TransformersModel"
-        return LanguageModel(model, tokenizer=tok)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .engine import RemoteUnavailableError
+from .common import RemoteUnavailableError
 
 # Packages whose versions must match the server's: nnsight's request format changes between its versions. torch and
 # transformers differences are reported by nnsight.compare() too, but the adapter's traces use neither's internals.
