@@ -668,6 +668,11 @@ def _stage_effect(behaviour, split, metric, effect, n_boot, seed):
     return rows, rep
 
 
+def _ratio(vanilla, unlearned):
+    vanilla = np.asarray(vanilla, dtype=float)
+    return np.where(vanilla > 0, unlearned / np.where(vanilla > 0, vanilla, 1.0), np.nan)
+
+
 def _relative_drop(vanilla, unlearned):
     vanilla = np.asarray(vanilla, dtype=float)
     return np.where(vanilla != 0, (vanilla - unlearned) / np.where(vanilla != 0, vanilla, 1.0), np.nan)
@@ -762,11 +767,7 @@ def perplexity_rises(behaviour: pd.DataFrame, split: str = "heldout_text", min_r
     statement = f"Unlearning raises perplexity on {_split(split)} by a factor of {t0:g} or more (for some method)"
     c, threshold = _resolve(claim, "perplexity_rises", statement, min_ratio, 1.05)
 
-    def ratio(vanilla, unlearned):
-        vanilla = np.asarray(vanilla, dtype=float)
-        return np.where(vanilla > 0, unlearned / np.where(vanilla > 0, vanilla, 1.0), np.nan)
-
-    rows, rep = _stage_effect(behaviour, split, "perplexity", ratio, n_boot, seed)
+    rows, rep = _stage_effect(behaviour, split, "perplexity", _ratio, n_boot, seed)
     strongest, est, draws = _extreme(rows, weakest=False)
     interval = _interval_of(rep, draws)
     status = _decide(interval, threshold, "at least")
@@ -785,6 +786,16 @@ def _control_rows(behaviour, split, metric, effect, control, what, n_boot, seed)
     return {m: r for m, r in rows.items() if m != control}, rows[control], rep
 
 
+def _against_control(rows, ctl, rep, compare, threshold: float):
+    """(strongest method, compare(its effect, the control's), interval, status 'above' threshold): the draws of
+    both come from the same resamples of concepts, so they are compared draw by draw."""
+    strongest, est, draws = _extreme(rows, weakest=False)
+    with np.errstate(all="ignore"):
+        value, draws = float(compare(est, float(ctl[2]))), compare(draws, ctl[3])
+    interval = _interval_of(rep, draws)
+    return strongest, value, interval, _decide(interval, threshold, "above")
+
+
 def side_effects_beyond_control(behaviour: pd.DataFrame, split: str = "unrelated", metric: str = "rougeL",
                                 control: str = CONTROL, claim=None, n_boot: int = uncertainty.N_BOOT,
                                 seed: int = uncertainty.SEED) -> Verdict:
@@ -798,10 +809,7 @@ def side_effects_beyond_control(behaviour: pd.DataFrame, split: str = "unrelated
                  f"(for some method)")
     c, threshold = _resolve(claim, what, statement, None, 0.0)
     rows, ctl, rep = _control_rows(behaviour, split, metric, _relative_drop, control, what, n_boot, seed)
-    strongest, est, draws = _extreme(rows, weakest=False)
-    diff, draws = est - float(ctl[2]), draws - ctl[3]
-    interval = _interval_of(rep, draws)
-    status = _decide(interval, threshold, "above")
+    strongest, diff, interval, status = _against_control(rows, ctl, rep, np.subtract, threshold)
     evidence = {f"{m}_relative_drop": float(r[2]) for m, r in rows.items()}
     evidence.update({"control_relative_drop": float(ctl[2]), "strongest_method": strongest, "difference": diff})
     body = (f"{_metric(metric)} on {_split(split)}: {_per_method_text(rows, rep, '.0%', suffix=' lower')}; the "
@@ -821,17 +829,8 @@ def perplexity_beyond_control(behaviour: pd.DataFrame, split: str = "heldout_tex
     what = "perplexity_beyond_control"
     statement = f"Unlearning raises perplexity on {_split(split)} more than a control fine-tune does (for some method)"
     c, threshold = _resolve(claim, what, statement, None, 1.0)
-
-    def ratio(vanilla, unlearned):
-        vanilla = np.asarray(vanilla, dtype=float)
-        return np.where(vanilla > 0, unlearned / np.where(vanilla > 0, vanilla, 1.0), np.nan)
-
-    rows, ctl, rep = _control_rows(behaviour, split, "perplexity", ratio, control, what, n_boot, seed)
-    strongest, est, draws = _extreme(rows, weakest=False)
-    with np.errstate(all="ignore"):
-        rel, draws = est / float(ctl[2]), draws / ctl[3]
-    interval = _interval_of(rep, draws)
-    status = _decide(interval, threshold, "above")
+    rows, ctl, rep = _control_rows(behaviour, split, "perplexity", _ratio, control, what, n_boot, seed)
+    strongest, rel, interval, status = _against_control(rows, ctl, rep, np.divide, threshold)
     evidence = {f"{m}_ratio": float(r[2]) for m, r in rows.items()}
     evidence.update({"control_ratio": float(ctl[2]), "strongest_method": strongest, "relative_to_control": rel})
     body = (f"Perplexity on {_split(split)}: {_per_method_text(rows, rep, '.2f', prefix='x')}; the control "
