@@ -112,8 +112,8 @@ def unlearned(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: st
         used = {target.name, retain.name, *(h.name for h in heldout_concepts(cset, target, retain))}
         candidates = [c for c in cset if c.name not in used]
         if not candidates:
-            raise ValueError(f"method {method!r}: the control fine-tune of {target.label!r} learns the text of a concept "
-                             f"that is neither the target, its retain concept nor a held-out text "
+            raise ValueError(f"method {method!r}: the control fine-tune of {target.label!r} learns the text of a "
+                             f"concept that is neither the target, its retain concept nor a held-out text "
                              f"({', '.join(sorted(used))}); the concept set has no other")
         source, _ = relearn_mod.unrelated_concept(target, candidates)
         forget = dataclasses.replace(target, forget_text=source.forget_text)

@@ -622,7 +622,8 @@ def change_beyond_control(change: pd.DataFrame, quantity: str = "coef", last: in
     parts = "; ".join(f"{m} {shares[m]:.0%}" for m in methods)
     body = (f"Share of the change of {_what(quantity)} in the last {last} layers ({n_layers - last}-{n_layers - 1}) "
             f"of {n_layers}: {parts}; the control fine-tune {shares[control]:.0%}. Unlearning's share minus the "
-            f"control's is {with_interval(diff, interval, '.2f', '')}, {_against(status, interval, threshold, 'above')}.")
+            f"control's is {with_interval(diff, interval, '.2f', '')}, "
+            f"{_against(status, interval, threshold, 'above')}.")
     return _verdict(c, status, diff, interval, evidence, body, rep.level)
 
 
@@ -812,9 +813,9 @@ def side_effects_beyond_control(behaviour: pd.DataFrame, split: str = "unrelated
     strongest, diff, interval, status = _against_control(rows, ctl, rep, np.subtract, threshold)
     evidence = {f"{m}_relative_drop": float(r[2]) for m, r in rows.items()}
     evidence.update({"control_relative_drop": float(ctl[2]), "strongest_method": strongest, "difference": diff})
+    control_drop = with_interval(ctl[2], _interval_of(rep, ctl[3]), '.0%', '')
     body = (f"{_metric(metric)} on {_split(split)}: {_per_method_text(rows, rep, '.0%', suffix=' lower')}; the "
-            f"control fine-tune {ctl[0]:.2f} -> {ctl[1]:.2f} ({with_interval(ctl[2], _interval_of(rep, ctl[3]), '.0%', '')} "
-            f"lower). The strongest drop ({strongest}) minus the control's is "
+            f"control fine-tune {ctl[0]:.2f} -> {ctl[1]:.2f} ({control_drop} lower). The strongest drop ({strongest}) minus the control's is "
             f"{with_interval(diff, interval, '.0%', '')}, {_against(status, interval, threshold, 'above', '.0%')}.")
     return _verdict(c, status, diff, interval, evidence, body, _interval_words(rep), ".0%")
 
