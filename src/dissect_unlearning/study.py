@@ -226,9 +226,7 @@ class Study:
         if not p["second_model"]:
             return None
         concepts = p["second_concepts"] if p["second_concepts"] else self.concepts
-        return Study({**p, "model": p["second_model"], "concepts": concepts,
-                      "methods": p["second_methods"] or p["methods"], "second_model": None},
-                     plan=self.plan, progress=self.progress, _cset=self._cset)
+        return self._variant(model=p["second_model"], concepts=concepts, methods=p["second_methods"] or p["methods"])
 
     def with_forget_data(self, forget_data: str) -> "Study":
         """The same study on the first seed, its models unlearned with `forget_data` ("text", "qa" or "text+qa";
@@ -240,8 +238,7 @@ class Study:
         unlearning = dict(p["unlearning"])
         if forget_data != unlearning.get("forget_data", UnlearnConfig.forget_data):
             unlearning["forget_data"] = forget_data
-        return Study({**p, "unlearning": unlearning, "seeds": list(p["seeds"])[:1], "second_model": None},
-                     plan=self.plan, progress=self.progress, _cset=self._cset)
+        return self._variant(unlearning=unlearning, seeds=list(p["seeds"])[:1])
 
     def control(self) -> "Study":
         """The same study with the control fine-tune (unlearning/control.py) as its only method, first seed only: a
@@ -249,9 +246,13 @@ class Study:
         findings against ("would any fine-tune do that too?"). The study's unlearning settings apply (the same
         optimiser and steps), except that the control's forget data is text whatever the study's forget_data."""
         p = self.params
-        return Study({**p, "methods": ["control"], "seeds": list(p["seeds"])[:1], "second_model": None,
-                      "unlearning": {**p["unlearning"], "forget_data": "text"}},
-                     plan=self.plan, progress=self.progress, _cset=self._cset)
+        return self._variant(methods=["control"], seeds=list(p["seeds"])[:1],
+                             unlearning={**p["unlearning"], "forget_data": "text"})
+
+    def _variant(self, **changes) -> "Study":
+        """This study with some parameters changed (and no second model), recording into the same plan."""
+        return Study({**self.params, **changes, "second_model": None}, plan=self.plan, progress=self.progress,
+                     _cset=self._cset)
 
     @property
     def context(self) -> str:
