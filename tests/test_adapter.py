@@ -205,6 +205,10 @@ def krs_gap(a, b):
     return {c: float((a[c] - b[c]).abs().max()) for c in cols}
 
 
+# Every experiment that patches a question's own activations (the other-question control runs on merged weights)
+OWN = [name for name, e in patching.EXPERIMENTS.items() if e.source == "same"]
+
+
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_the_adapter_in_the_trace_gives_the_krs_of_the_merged_weights(direction):
     """Every experiment (site patches, and restorations as switched-off / switched-on adapter terms), through the
@@ -213,7 +217,7 @@ def test_the_adapter_in_the_trace_gives_the_krs_of_the_merged_weights(direction)
     a = random_adapter(model)
     merged = adapter_mod.merge(copy.deepcopy(model), a).eval()
     p, ans = qa(tok, n=3)
-    kw = dict(experiments=list(patching.EXPERIMENTS), window=3, direction=direction)
+    kw = dict(experiments=OWN, window=3, direction=direction)
     local = patching.run(model, merged, tok, p, ans, layout="padded", **kw)
     simulated = patching.run(model, a, tok, p, ans, remote="local", **kw)
     gap = krs_gap(local, simulated)
@@ -293,7 +297,7 @@ def test_the_trace_bodies_need_no_code_of_the_package(monkeypatch):
             sys.modules.update(saved)
 
     monkeypatch.setattr(LocalSimulationBackend, "__call__", hidden)
-    table = patching.run(model, a, tok, p, ans, experiments=list(patching.EXPERIMENTS), window=3, remote="local")
+    table = patching.run(model, a, tok, p, ans, experiments=OWN, window=3, remote="local")
     assert ran == [] and table.krs.notna().all()
     # and the watch works: a request whose body calls a function of the package fails on the simulated server
     from dissect_unlearning import models
@@ -477,7 +481,9 @@ def test_on_the_default_model_the_adapter_equals_its_merged_weights(default_mode
     model, tok = default_model
     a = random_adapter(model, rank=4, alpha=8.0)
     for name in a.names():
-        a.b[name] = a.b[name] * 0.05  # an unlearning-sized change, not a new model
+        # an unlearning-sized change (logits move by whole units; with a smaller one the losses are ~1e-6 and their
+        # float32 rounding alone moves KRS by 1e-4), not a new model
+        a.b[name] = a.b[name] * 0.3
     merged = adapter_mod.merge(copy.deepcopy(model), a).eval()
     p, ans = qa(tok, n=2)
     lm = patching.wrap(model, tok)

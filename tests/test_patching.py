@@ -23,7 +23,8 @@ QUESTIONS = ["who wrote harry potter?", "what is the capital of france?", "where
              "who is the brother of mario in the red and green?"]
 ANSWERS = ["the author of harry potter is j", "paris is the capital of france", "vienna is in austria .",
            "luigi is the brother of mario"]
-ALL = list(patching.EXPERIMENTS)
+# Every experiment that patches a question's own activations (the paper-style hooks know no other)
+ALL = [name for name, e in patching.EXPERIMENTS.items() if e.source == "same"]
 
 
 @pytest.fixture(autouse=True)
@@ -261,6 +262,69 @@ def test_the_engine_gives_the_paper_style_hooks_krs(family):
             for centre, krs in want[exp].items():
                 np.testing.assert_allclose(krs_of(got, exp, centre), krs, atol=1e-5, rtol=0)
         assert got.krs.notna().all() and (got.krs.abs() > 1e-4).any()
+
+
+def _coef_by_hand(model, ids, window, replace=None):
+    """(logits [T, V], {layer: coefficients [T, d_ff]}) of `model` on one unpadded sequence, with the coefficients of
+    `window`'s layers replaced by `replace[layer]` when given: plain forward hooks, no engine code."""
+    blocks = model.model.layers
+    seen, hooks = {}, []
+    for i, block in enumerate(blocks):
+        def pre(module, args, i=i):
+            seen[i] = args[0][0].detach().clone()
+            if replace is not None and i in window:
+                return (replace[i][None],)
+        hooks.append(block.mlp.down_proj.register_forward_pre_hook(pre))
+    try:
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, seen
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_the_other_question_control_patches_the_matching_positions_of_another_question(layout):
+    """coef_other: question q gets the vanilla coefficients of question q+1 at the positions matched part by part
+    (shared prefix: its own; rest of the prompt: aligned at its end; answer: aligned at its start, the last token
+    standing in past the end). Checked against plain hooks on each question alone."""
+    vanilla, tok = tiny()
+    unlearned = perturbed(vanilla)
+    p, a = qa(tok, n=3)
+    window = (1, 2, 3)
+    got = patching.run(vanilla, unlearned, tok, p, a, ["coef", "coef_other"], layers=list(window), layout=layout)
+    shared = 0
+    while all(x[shared] == p[0][shared] for x in p):
+        shared += 1
+    for q in range(3):
+        o = (q + 1) % 3
+        seq_q, seq_o = p[q] + a[q], p[o] + a[o]
+        ref, _ = _coef_by_hand(vanilla, seq_q, window)
+        _, theirs = _coef_by_hand(vanilla, seq_o, window)
+        source = [t if t < shared else max(shared, len(p[o]) - (len(p[q]) - t)) if t < len(p[q])
+                  else min(len(p[o]) + t - len(p[q]), len(seq_o) - 1) for t in range(len(seq_q))]
+        moved = {i: theirs[i][source] for i in window}
+        scored = slice(len(p[q]) - 1, len(seq_q) - 1)
+        patched, _ = _coef_by_hand(unlearned, seq_q, window, moved)
+        plain, _ = _coef_by_hand(unlearned, seq_q, window)
+        krs = 1 - patching.mse(ref[scored], patched[scored]) / patching.mse(ref[scored], plain[scored])
+        np.testing.assert_allclose(krs_of(got, "coef_other")[q], krs, atol=1e-4)
+    # its own coefficients in every changed layer... differ from another question's: the control is not the patch
+    assert np.abs(krs_of(got, "coef_other") - krs_of(got, "coef")).max() > 1e-3
+
+
+def test_the_other_question_control_of_identical_questions_is_the_patch_itself():
+    vanilla, tok = tiny()
+    unlearned = perturbed(vanilla)
+    p, a = qa(tok, n=1)
+    got = patching.run(vanilla, unlearned, tok, p * 2, a * 2, ["coef", "coef_other"], window=3)
+    np.testing.assert_allclose(got[got.experiment == "coef_other"].krs, got[got.experiment == "coef"].krs, atol=1e-5)
+    with pytest.raises(ValueError, match="at least two questions"):
+        patching.run(vanilla, unlearned, tok, p, a, ["coef_other"], window=3)
+    with pytest.raises(ValueError, match="needs sites and no parameter set"):
+        patching.register_experiment(patching.Experiment("bad", "x", "#000000", parameters="value", source="other"))
+    assert "bad" not in patching.EXPERIMENTS
 
 
 def test_restoring_everything_that_changed_gives_krs_1():

@@ -189,6 +189,29 @@ def test_stronger_than_three_ways():
     assert yes.estimate == pytest.approx(0.5, abs=0.01)
 
 
+def with_other_question(df, krs_of_window, name="coef_other"):
+    """`df` plus the coefficient rows again as the other-question control, KRS krs_of_window(centre, own KRS)."""
+    ctl = df[df["experiment"] == "coef"].copy()
+    ctl["krs"] = [krs_of_window(c, k) for c, k in zip(ctl["center_layer"], ctl["krs"])]
+    return pd.concat([df, ctl.assign(experiment=name)], ignore_index=True)
+
+
+def test_beyond_other_question_three_ways_at_the_chosen_window():
+    # The control peaks at the first window (0.9, above the coefficients' own best, 0.8 at the last): compared at
+    # the coefficients' best window (0.2 there), the own activations still win.
+    elsewhere = lambda c, k: 0.9 if c == 0 else 0.2  # noqa: E731
+    yes = verdicts.beyond_other_question(with_other_question(sweep_table(), elsewhere))
+    no = verdicts.beyond_other_question(with_other_question(sweep_table(), lambda c, k: k + 0.1))
+    unclear = verdicts.beyond_other_question(noisy(with_other_question(sweep_table(questions=6), lambda c, k: k), 0.3))
+    three_way(yes, no, unclear)
+    assert yes.estimate == pytest.approx(0.6, abs=0.01) and yes.evidence["best_window"] == [4, 5]
+    assert yes.claim.source == "this book"
+    assert verdicts.stronger_than(with_other_question(sweep_table(), elsewhere), "coef", "coef_other").holds is False
+    missing = with_other_question(sweep_table(), elsewhere)
+    missing = missing[~((missing.experiment == "coef_other") & (missing.center_layer == 0))]
+    assert verdicts.beyond_other_question(missing).holds is None
+
+
 def test_share_of_best_three_ways():
     whole = sweep_table(coef_peak="last")  # best coef window: 0.8 at the last layer
     yes = verdicts.share_of_best(whole[whole["center_layer"] == 5], whole)

@@ -273,7 +273,8 @@ def test_registering_a_method_checks_the_entry(toy_method):
 
 
 def test_after_the_tests_only_the_built_in_entries_are_registered():
-    assert list(experiments.EXPERIMENTS) == ["coef", "attn", "coef+attn", "value", "key", "mlp", "layer"]
+    assert list(experiments.EXPERIMENTS) == ["coef", "attn", "coef+attn", "value", "key", "mlp", "layer",
+                                              "coef_other"]
     assert list(sites.SITES) == ["coef", "attn"]
     assert list(experiments.PARAMETER_SETS) == ["value", "key", "mlp", "layer"]
     assert unlearning.METHODS == ("grad_ascent", "grad_diff", "npo", "dpo", "idk_dpo", "control")

@@ -72,6 +72,7 @@ def smoke_tables() -> dict[str, pd.DataFrame]:
         "ch3_loss_curve": ch["surface"].training(),
         "ch3_regime_qa": ch["surface"].with_forget_data("qa").behaviour("beyond"),
         "ch4_sweep": ch["patching"].sweeps(trio),
+        "ch4_other_question": ch["patching"].sweeps(["coef_other"]),
         "ch5_value": ch["restoration"].sweeps(["value"]),
         "ch5_extra": ch["restoration"].sweeps(["key", "mlp", "layer"], "beyond"),
         "ch6_last": ch["last_layer"].sweeps(["coef"], layers=[-1]),

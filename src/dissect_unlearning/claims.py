@@ -94,6 +94,14 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           "attention states",
           None, 0.0, "this book: the difference of held-out KRS must be above 0",
           check="stronger_than"),
+    Claim("patching_other_question", "Is it the question's own activations that bring the answer back?",
+          "At the best coefficient window, the question's own vanilla coefficients recover more than the vanilla "
+          "coefficients of another question of the same concept do at that window.",
+          "this book", "a control for the patching claims: a high KRS could come from the patch itself (any vanilla "
+          "activations pulling the unlearned model back), not from the knowledge the question's activations carry",
+          None, 0.0, "this book: the difference of held-out KRS (own minus another question's, same window) must be "
+                     "above 0",
+          check="beyond_other_question"),
     # Chapter 5
     Claim("restoration_value", "Do restored value vectors recover little?",
           "Restoring the vanilla value vectors brings almost nothing back: the mean KRS stays below 0.1 at every "

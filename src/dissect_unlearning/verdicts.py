@@ -519,6 +519,45 @@ def stronger_than(sweep: pd.DataFrame, experiment: str = "coef", other: str = "a
     return _verdict(c, status, diff, interval, evidence, body, w.level)
 
 
+def beyond_other_question(sweep: pd.DataFrame, experiment: str = "coef", control: str = "coef_other", claim=None,
+                          n_boot: int = uncertainty.N_BOOT, seed: int = uncertainty.SEED) -> Verdict:
+    """At its best window, `experiment` (the question's own vanilla activations) recovers more than `control` (the
+    same site with another question's activations, experiments.Experiment.source "other") at that same window.
+
+    The window is chosen on the even-numbered questions by `experiment`'s KRS and both are scored there on the
+    odd-numbered ones; the statistic is the difference, resampled on the same pairs and questions (the control's
+    window follows each resample's choice). Holds when its whole 95% interval is above 0.
+    """
+    df = _rows_of(sweep, [experiment, control], "beyond_other_question")
+    statement = (f"At the best window, restoring {_what(experiment)} recovers more than restoring "
+                 f"{_what(control)}")
+    c, threshold = _resolve(claim, "beyond_other_question", statement, None, 0.0)
+    several = df.groupby("experiment")["center_layer"].nunique().max() > 1
+    if several and not _can_split(df):
+        return _undecided(c, "Choosing the best window on half of the questions and scoring it on the other half "
+                             "needs two or more questions per pair.")
+    w = _Windows(df, several, n_boot, seed)
+    own, other = w.windows(experiment), w.windows(control)
+    if list(own["center_layer"]) != list(other["center_layer"]):
+        return _undecided(c, f"{_capital(_what(control))} was not run at the windows of {_what(experiment)}: "
+                             f"the comparison needs both at every window.")
+    est_a, draws_a, i, j = w.best(own)
+    score = other["score"].to_numpy()
+    est_b = float(w.estimate[score[i]])
+    draws_b = w.draws[np.arange(len(w.draws)), score[j]]
+    diff = est_a - est_b
+    interval = _interval_of(w.rep, draws_a - draws_b)
+    status = _decide(interval, threshold, "above")
+    layers = own["layers"].iloc[i]
+    evidence = {f"best_krs_{experiment}": float(est_a), f"krs_{control}": est_b, "difference": float(diff),
+                "best_window": list(layers)}
+    body = (f"At the best coefficient window{_selection_note(several)} ({_layers_text(layers)}), restoring "
+            f"{_what(experiment)} reaches a mean KRS of {est_a:.2f}, and {_what(control)} {est_b:.2f}: a "
+            f"difference of {with_interval(diff, interval, missing='')}, "
+            f"{_against(status, interval, threshold, 'above')}.")
+    return _verdict(c, status, diff, interval, evidence, body, w.level)
+
+
 def largest_change_in_last_layers(change: pd.DataFrame, quantity: str = "coef", last: int = 3,
                                   value: str = "rel_change", claim=None, n_boot: int = uncertainty.N_BOOT,
                                   seed: int = uncertainty.SEED) -> Verdict:

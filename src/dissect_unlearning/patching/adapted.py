@@ -105,6 +105,11 @@ def run(model, adapter: adapter_mod.Adapter, tok, prompt_ids: list[list[int]], a
     import pandas as pd
 
     exps = experiments_mod.get(experiments)
+    moved = [e.name for e in exps if e.source == "other"]
+    if moved:
+        raise ValueError(f"experiments {moved} patch in another question's activations, which the adapter path (one "
+                         f"session, shippable to NDIF) does not do; merge the adapter into a copy of the model "
+                         f"(unlearning.adapter.merge) and run the local engine for them")
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
     if remote not in REMOTE_CHOICES:

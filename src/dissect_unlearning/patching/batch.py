@@ -24,7 +24,7 @@ Layouts (how the sequences form the model's input):
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -45,6 +45,12 @@ class ScoringInputs:
     spans: list[slice]  # question q owns scored positions spans[q]
     positions: list[list[int]]  # per question: scored positions counted from the question's own first token
     layout: str
+    # Where each question's own tokens sit (other_question_index moves activations between questions with them):
+    # question q's own position t is at row owner[q][0], column t + owner[q][1] (t < shared in the packed layout:
+    # the row's copy of the shared prefix, column t).
+    owner: list[tuple[int, int]] = field(default_factory=list)
+    lengths: list[tuple[int, int]] = field(default_factory=list)  # per question: (prompt tokens, all tokens)
+    shared: int = 0  # tokens at the start that every question of the group shares (the chat template's system prompt)
 
     @property
     def n_questions(self) -> int:
@@ -104,8 +110,10 @@ def _padded(batch: prompts.TeacherForcingBatch, cols_per_q: list[list[int]]) -> 
     cols = [x for c in cols_per_q for x in c]
     first = [width - int(m.sum()) for m in batch.attention_mask]  # column of each question's first token
     positions = [[x - first[q] for x in c] for q, c in enumerate(cols_per_q)]  # padding: negative positions
+    lengths = [(p, p + a) for p, a in zip(batch.n_prompt, batch.n_answer)]
+    own = [batch.input_ids[q, first[q]:].tolist() for q in range(len(first))]
     return ScoringInputs(batch.model_inputs(), torch.tensor(rows), torch.tensor(cols), _spans(cols_per_q), positions,
-                         "padded")
+                         "padded", [(q, f) for q, f in enumerate(first)], lengths, _shared_prefix(own, lengths))
 
 
 def _packed(seqs, scored, pad_id, capacity) -> ScoringInputs:
@@ -149,8 +157,10 @@ def _packed(seqs, scored, pad_id, capacity) -> ScoringInputs:
     mask |= torch.eye(width, dtype=torch.bool)[None] & ~real[:, :, None]  # padding sees itself: no empty softmax row
     rows = [where[q][0] for q, s in enumerate(scored) for _ in s]
     cols = [where[q][1] + t for q, s in enumerate(scored) for t in s]
+    lengths = [(s[0] + 1, len(x)) for s, x in zip(scored, seqs)]  # the first scored position is the prompt's last
     return ScoringInputs({"input_ids": ids, "attention_mask": mask[:, None], "position_ids": pos},
-                         torch.tensor(rows), torch.tensor(cols), _spans(scored), [list(s) for s in scored], "packed")
+                         torch.tensor(rows), torch.tensor(cols), _spans(scored), [list(s) for s in scored], "packed",
+                         [where[q] for q in range(len(seqs))], lengths, prefix)
 
 
 def _paper(prompt_ids, answer_ids, tok, pad_id) -> ScoringInputs:
@@ -179,6 +189,56 @@ def paper_counts(prompt_ids: list[list[int]], answer_ids: list[list[int]], eos_i
     """
     width = max(len(p) for p in prompt_ids)
     return [sum(t != eos_id for t in a) - (width - len(p)) - p.count(eos_id) for p, a in zip(prompt_ids, answer_ids)]
+
+
+def _shared_prefix(seqs: list[list[int]], lengths: list[tuple[int, int]]) -> int:
+    """Tokens at the start every sequence shares, stopping before any prompt's last token (as the packed layout's)."""
+    limit = min(p for p, _ in lengths) - 1
+    n = 0
+    while n < limit and all(x[n] == seqs[0][n] for x in seqs):
+        n += 1
+    return n
+
+
+def other_question_index(inputs: ScoringInputs, shift: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols), each [rows of the input, columns of the input]: `value[rows, cols]` moves into every position of
+    question q the value at the matching position of question (q + shift) mod n, another question of the same group.
+
+    The control of "patching brings the knowledge back": if another question's activations restore the vanilla
+    answer as well as the question's own, the patch itself does the work, not the knowledge it carries. Positions
+    match by their part of the sequence: the shared prefix (the chat template's system prompt) keeps its own values
+    (they are the same tokens); the rest of the prompt is aligned at its end, so that the template's closing tokens
+    and the prompt's last token (which predicts the answer's first) meet their counterparts; the answer is aligned at
+    its start. Where the other question's part is shorter, its first (prompt) or last (answer) token stands in.
+    Padding keeps its own values.
+    """
+    n = inputs.n_questions
+    if n < 2:
+        raise ValueError("patching another question's activations (the coef_other control) needs at least two "
+                         "questions per concept (n_questions), got 1")
+    if not inputs.owner:
+        raise ValueError("these scoring inputs do not record where each question sits (built by hand?); build them "
+                         "with scoring_inputs")
+    shape = inputs.model_inputs["input_ids"].shape
+    rows = torch.arange(shape[0])[:, None].expand(shape).clone()
+    cols = torch.arange(shape[1])[None, :].expand(shape).clone()
+
+    def at(q: int, t: int) -> tuple[int, int]:
+        r, offset = inputs.owner[q]
+        return r, (t if t < inputs.shared and inputs.layout == "packed" else t + offset)
+
+    shared = inputs.shared
+    for q in range(n):
+        p = (q + shift) % n
+        (prompt_q, total_q), (prompt_p, total_p) = inputs.lengths[q], inputs.lengths[p]
+        for t in range(shared, total_q):
+            if t < prompt_q:
+                source = max(shared, prompt_p - (prompt_q - t))
+            else:
+                source = min(prompt_p + (t - prompt_q), total_p - 1)
+            r, c = at(q, t)
+            rows[r, c], cols[r, c] = at(p, source)
+    return rows, cols
 
 
 def _spans(per_question) -> list[slice]:

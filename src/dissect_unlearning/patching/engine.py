@@ -323,7 +323,10 @@ def run(vanilla, unlearned, tok, prompt_ids: list[list[int]], answer_ids: list[l
     # An experiment that restores parameters as well as patching sites records its replayed outputs again under
     # the restored parameters (the MLP's replayed output depends on its own weights), so it needs the source values.
     keep_values = any(e.sites and e.restores_parameters for e in exps)
-    steps = 2 + len(sites) + len(exps) * len(wins)
+    # Controls (source "other") patch in another question's activations: their sites are replayed once more, with
+    # the values moved between questions (batch.other_question_index).
+    moved_sites = sites_mod.in_forward_order({s for e in exps if e.source == "other" for s in e.sites})
+    steps = 2 + len(sites) + len(moved_sites) + len(exps) * len(wins)
     bar = tqdm(total=steps, desc=progress if isinstance(progress, str) else "patching", disable=not progress,
                unit="pass")
     records = []
@@ -342,6 +345,13 @@ def run(vanilla, unlearned, tok, prompt_ids: list[list[int]], answer_ids: list[l
         for site in sites:
             replayed[site.name] = _replayed_outputs(tgt, site, values[site.name])
             bar.update()
+        replayed_other = {}
+        if moved_sites:
+            rows, cols = batch_mod.other_question_index(inputs)
+            for site in moved_sites:
+                moved = {i: v[rows.to(v.device), cols.to(v.device)] for i, v in values[site.name].items()}
+                replayed_other[site.name] = _replayed_outputs(tgt, site, moved)
+                bar.update()
         if not keep_values:
             values = None  # the source's activations of every patched layer: free them
         for exp in exps:
@@ -354,7 +364,8 @@ def run(vanilla, unlearned, tok, prompt_ids: list[list[int]], answer_ids: list[l
                                    for s in exp_sites}
                         logits = _patched_logits(tgt, w.first, below, _replays(arch, exp_sites, outputs, w.layers))
                 else:
-                    logits = _patched_logits(tgt, w.first, below, _replays(arch, exp_sites, replayed, w.layers))
+                    outputs = replayed_other if exp.source == "other" else replayed
+                    logits = _patched_logits(tgt, w.first, below, _replays(arch, exp_sites, outputs, w.layers))
                 for q, (s, b) in enumerate(zip(reference.per_question(logits, metric), base)):
                     records.append({
                         "experiment": exp.name, "direction": direction, "window_size": None if layers is not None

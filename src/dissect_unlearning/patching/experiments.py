@@ -10,7 +10,10 @@ Parameter experiments copy a parameter set of the source model into the patched 
   mlp        every parameter of the MLP (arch.mlp)
   layer      every parameter of the decoder layer
 An experiment may also do both: its sites are then patched while its parameters are restored.
-The first four are the paper's; key, mlp and layer go beyond it.
+A control:
+  coef_other MLP coefficients of *another* question of the same concept (batch.other_question_index): if they
+             restore the vanilla answer as well as the question's own, the patch does the work, not the knowledge
+The first four are the paper's; key, mlp, layer and coef_other go beyond it.
 
 To add one: register_experiment(Experiment(...)) here (or in your own code), and register_site /
 register_parameter_set first if it restores something new.
@@ -92,6 +95,7 @@ class Experiment:
     description: str = ""
     phrase: str = ""  # how it reads in a sentence; empty: the phrases of its parts joined by "and"
     paper: bool = False  # one of the paper's experiments
+    source: str = "same"  # whose activations are patched in: the question's own ("same") or another question's
 
     @property
     def restores_parameters(self) -> bool:
@@ -123,7 +127,11 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in (
     Experiment("mlp", "whole MLP", "#72b7b2", parameters="mlp", description="every parameter of the MLP"),
     Experiment("layer", "whole layer", "#9d755d", parameters="layer",
                description="every parameter of the decoder layer"),
+    Experiment("coef_other", "coefficients of another question (control)", "#bab0ac", sites=("coef",),
+               source="other", phrase="the MLP coefficients of another question of the same concept",
+               description="MLP coefficients recorded on another question of the same concept (a control)"),
 )}
+SOURCES = ("same", "other")
 PAPER_EXPERIMENTS = tuple(name for name, e in EXPERIMENTS.items() if e.paper)
 
 
@@ -145,6 +153,11 @@ def register_experiment(experiment: Experiment) -> Experiment:
                          f"{', '.join(PARAMETER_SETS)}")
     if not experiment.sites and experiment.parameters is None:
         raise ValueError(f"experiment {name!r} restores nothing: give sites, parameters or both")
+    if experiment.source not in SOURCES:
+        raise ValueError(f"experiment {name!r}: source must be one of {SOURCES}, got {experiment.source!r}")
+    if experiment.source == "other" and (experiment.parameters is not None or not experiment.sites):
+        raise ValueError(f"experiment {name!r}: source 'other' moves activations between questions, so it needs "
+                         f"sites and no parameter set (parameters are the same for every question)")
     if not (experiment.label and experiment.colour):
         raise ValueError(f"experiment {name!r}: give a label and a colour (for the book's charts)")
     EXPERIMENTS[name] = experiment
