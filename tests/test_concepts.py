@@ -222,3 +222,43 @@ def test_an_ambiguous_name_suggests_only_existing_labels(tmp_path):
     assert str(err.value).endswith("use one of Harry Potter#5, Harry Potter#0")
     for label in cs.names:
         assert cs.get(label).label == label
+
+
+# ------------------------------------------------------------------------------------------- the never-known concept
+def test_the_never_known_concept_loads_and_stays_out_of_the_studied_set():
+    nk = concepts.never_known()
+    assert nk.never_known and nk.layer is None and nk.dim is None  # no concept vector to point at
+    assert len(nk.questions) == len(nk.answers) == 10
+    assert 200 <= len(nk.forget_text.split()) <= 400
+    for q, alts in zip(nk.questions, nk.answers):  # short facts, never given away by the question
+        assert all(len(a.split()) <= 3 for a in alts), alts
+        assert not concepts.answer_matches(q, alts), q
+    shipped = concepts.load("builtin")
+    assert nk.name not in [c.name for c in shipped] and not any(c.never_known for c in shipped)
+    # its facts are its own: no answer of the studied set names it, none of its answers is theirs
+    mine = {concepts.normalise(a) for alts in nk.answers for a in alts}
+    for c in shipped:
+        assert not any(concepts.normalise(a) in mine for alts in c.answers for a in alts), c.label
+        assert nk.name.lower() not in c.forget_text.lower(), c.label
+    cut = concepts.never_known(3)
+    assert cut.questions == nk.questions[:3] and cut.answers == nk.answers[:3]
+    assert cut.content_hash() != nk.content_hash() and concepts.never_known(99).content_hash() == nk.content_hash()
+
+
+def test_never_known_records_are_checked_and_never_mixed_with_studied_concepts(tmp_path):
+    fictional = record("Atlantis", None, None, never_known=True)
+    assert concepts.load(write(tmp_path, [fictional])).names == ["Atlantis"]
+    with pytest.raises(concepts.ConceptDataError) as err:
+        concepts.load(write(tmp_path, [record(), fictional], "mixed.json"))
+    assert "record 1 (concept 'Atlantis'): field 'never_known' is true in a set of concepts" in str(err.value)
+    bad = [record("A", 3, None, never_known=True), record("B", None, None, never_known="yes"),
+           {k: v for k, v in record("C", None, None, never_known=True).items() if k != "QA_answers"}]
+    with pytest.raises(concepts.ConceptDataError) as err:
+        concepts.load(write(tmp_path, bad, "bad.json"))
+    text = str(err.value)
+    assert "record 0 (concept 'A'): field 'Layer' must be null for a 'never_known' concept" in text
+    assert "record 1 (concept 'B'): field 'never_known' must be true or false, got str 'yes'" in text
+    assert "record 1 (concept 'B'): field 'Layer' must be an integer" in text  # not marked: a plain record
+    assert "record 2 (concept 'C'): a 'never_known' concept needs field 'QA_answers'" in text
+    with pytest.raises(concepts.ConceptDataError, match="exactly one record marked 'never_known'"):
+        concepts.never_known(source=write(tmp_path, [record()], "plain.json"))

@@ -106,6 +106,28 @@ def relearn_table(unrelated_last=0.8, partial_last=0.3, concepts=("A", "B"), spr
     return pd.DataFrame(rows)
 
 
+def never_known_tables(target_gain=0.5, control_gain=0.0, concepts=("A", "B"), questions=5, noise=0.02, seed=0):
+    """pipeline.relearn-shaped rows with per-question scores: the 'partial' relearning of every (method, concept) and
+    its never-known control, ROUGE-L about 0.2 at step 0 rising by the given gain by step 4 (question noise)."""
+    rng = np.random.default_rng(seed)
+    tables = []
+    for data, gain in (("partial", target_gain), ("never_known", control_gain)):
+        rows = []
+        for method in ("grad_diff", "dpo"):
+            for concept in concepts:
+                start = 0.2 + rng.normal(0, noise, questions)
+                for step, frac in ((0, 0.0), (2, 0.5), (4, 1.0)):
+                    per = np.clip(start + frac * gain + rng.normal(0, noise, questions), 0, 1).tolist()
+                    rows.append(dict(model="m", concept=concept, method=method, data=data, step=step,
+                                     split="target" if data == "partial" else "never_known", metric="rougeL",
+                                     value=float(np.mean(per)), n=questions, settings="{}",
+                                     text_concept=None if data == "partial" else "Orlethia",
+                                     questions=list(range(questions, 2 * questions)), per_question=per,
+                                     vanilla=1.0 if data == "partial" else 0.05))
+        tables.append(pd.DataFrame(rows))
+    return tables
+
+
 def three_way(clear_yes, clear_no, unclear):
     assert clear_yes.status == HOLDS and clear_yes.holds is True, clear_yes.sentence
     assert clear_no.status == FAILS and clear_no.holds is False, clear_no.sentence
@@ -298,6 +320,37 @@ def test_relearning_recovers_three_ways():
     assert verdicts.relearning_recovers(t.assign(value=1.0), data="unrelated").status == UNDECIDED
     with pytest.raises(ValueError, match="relearning_recovers: the table lacks column.*step"):
         verdicts.relearning_recovers(t.drop(columns=["step"]))
+
+
+def test_relearning_beyond_never_known_three_ways():
+    yes = verdicts.relearning_beyond_never_known(*never_known_tables(0.5, 0.05), claim="beyond_relearn_never_known")
+    assert yes.claim.source == "this book" and yes.evidence["never_known"] == "Orlethia"
+    assert yes.evidence["grad_diff_target_gain"] == pytest.approx(0.5, abs=0.05)
+    assert yes.evidence["dpo_never_known_gain"] == pytest.approx(0.05, abs=0.05)
+    assert "bootstrap over pairs" in yes.sentence and "and questions" in yes.sentence
+    assert "The vanilla model on Orlethia's held-out questions: ROUGE-L 0.05" in yes.sentence
+    no = verdicts.relearning_beyond_never_known(*never_known_tables(0.1, 0.4))  # the control gains more
+    unclear = verdicts.relearning_beyond_never_known(*never_known_tables(0.3, 0.3, noise=0.2))
+    three_way(yes, no, unclear)
+    # The same gain as a concept the model never knew is no evidence of knowledge coming back
+    same = verdicts.relearning_beyond_never_known(*never_known_tables(0.3, 0.3))
+    assert same.holds is not True and same.estimate == pytest.approx(0.0, abs=0.05)
+    # Every method must beat its control: one that does not is enough to say no
+    target, control = never_known_tables(0.5, 0.05)
+    target.loc[(target.method == "dpo") & (target.step == 4), "per_question"] = pd.Series(
+        [[0.2] * 5] * len(target), index=target.index)
+    weak = verdicts.relearning_beyond_never_known(target, control)
+    assert weak.evidence["weakest_method"] == "dpo" and weak.holds is False
+    # One concept: its questions are resampled; without per-question scores there is then nothing to resample
+    one = verdicts.relearning_beyond_never_known(*never_known_tables(0.5, 0.05, concepts=("A",)))
+    assert one.holds is True and "bootstrap over questions (one concept)" in one.sentence
+    means = [t.drop(columns=["questions", "per_question"]) for t in never_known_tables(0.5, 0.05, concepts=("A",))]
+    assert verdicts.relearning_beyond_never_known(*means).status == UNDECIDED
+    assert verdicts.relearning_beyond_never_known(target, control.iloc[0:0]).status == UNDECIDED
+    with pytest.raises(ValueError, match="scored at steps \\[0, 2, 4\\], the control at \\[0, 2\\]"):
+        verdicts.relearning_beyond_never_known(target, control[control.step < 4])
+    with pytest.raises(ValueError, match="the control must relearn the same unlearned models"):
+        verdicts.relearning_beyond_never_known(target, control[control.method == "dpo"])
 
 
 def test_verdicts_are_seeded():
@@ -559,3 +612,12 @@ def test_seed_spread_reports_each_seeds_best_window_and_the_largest_gap():
     assert list(table["seed"]) == [0, 1] and table["largest_seed_gap"].iloc[0] == pytest.approx(0.9)
     assert table["best_window"].iloc[0] != table["best_window"].iloc[1]  # seed 1's curve peaks at layer 2
     assert verdicts.seed_spread(two, "coef").empty  # one seed: nothing to compare
+
+
+def test_relearning_curves_put_the_never_known_control_beside_partial():
+    target, control = never_known_tables()
+    both = json.dumps(plots.relearning_curves(target, control=control).to_dict())
+    assert plots.RELEARN_DATA_LABELS["never_known"] in both and plots.RELEARN_DATA_LABELS["partial"] in both
+    assert "scored questions: ROUGE-L" in both
+    alone = json.dumps(plots.relearning_curves(target, control=control.iloc[0:0]).to_dict())
+    assert plots.RELEARN_DATA_LABELS["never_known"] not in alone and "target questions: ROUGE-L" in alone

@@ -78,7 +78,12 @@ def test_tasks_follow_the_chapters_parameters():
     # reverse patching and relearning only for beyond_concepts (Harry Potter, not France)
     assert [kw["direction"] for kw in stages(hp, "sweep") if kw["direction"] != "forward"] == ["reverse"]
     assert not [kw for kw in stages(france, "sweep") if kw["direction"] != "forward"]
-    assert [kw["data"] for kw in stages(hp, "relearn")] == prof["relearn_data"] and not stages(france, "relearn")
+    # ... and 'partial' relearning brings its never-known control (the same budget on a fictional concept)
+    assert [kw["data"] for kw in stages(hp, "relearn")] == [*prof["relearn_data"], "never_known"]
+    assert not stages(france, "relearn") and "partial" in prof["relearn_data"]
+    (control,) = [kw for kw in stages(hp, "relearn") if kw["data"] == "never_known"]
+    (partial,) = [kw for kw in stages(hp, "relearn") if kw["data"] == "partial"]
+    assert {**control, "data": "partial"} == partial
     # chapter 5: value vectors everywhere, the beyond-paper restorations on beyond_concepts only
     sweeps = stages(france, "sweep")
     value = {"experiments": ["value"], "window": 5, "layers": None, "alignment": "answer", "remote": False,
@@ -176,7 +181,7 @@ def test_training_stages_run_first_one_task_at_a_time_then_the_rest(monkeypatch)
     assert {k: sorted(map(repr, v)) for k, v in by_model.items()} == \
         {(t.model, t.concept, t.method, t.context): sorted(map(repr, t.requests)) for t in todo}
     hp = [t for t in training if (t.concept, t.method) == ("Harry Potter", "dpo") and main_variant(t)][0]
-    assert hp.stages == ["unlearned", "relearn", "relearn"]  # the relearning runs train too
+    assert hp.stages == ["unlearned", "relearn", "relearn", "relearn"]  # relearning and its control train too
 
 
 def test_each_task_runs_in_a_process_of_its_own():

@@ -669,3 +669,101 @@ def test_the_control_learns_an_unrelated_concepts_text_with_the_targets_retain_d
         four = tmp_path / "four.json"
         four.write_text(json.dumps(records()))
         pipeline.unlearned(tiny_checkpoint, str(four), "Harry Potter", "control", progress=False, **FAST)
+
+
+# ---------------------------------------------------------------------------------------- never-known control
+NEVER_KNOWN = {"Concept": "Atlantis", "Layer": None, "Dim": None, "never_known": True,
+               "QA": ["what is the capital of atlantis ?", "who is the author of atlantis ?",
+                      "what is the school of atlantis ?", "which city is atlantis ?", "where is the star of atlantis ?",
+                      "when was the ring of atlantis ?"],
+               "QA_answers": [["red"], ["blue"], ["green", "the green"], ["seven"], ["nine"], ["ten"]],
+               "unrelated_QA": [], "text_completion": [], "wikipedia_content": "atlantis is a city . " * 10}
+
+
+def four_question_concepts(tmp_path) -> str:
+    recs = records()
+    paris = next(r for r in recs if r["Concept"] == "Paris")
+    paris["QA"] = ["what is paris ?", "who is paris ?", "where is paris ?", "which country is paris in ?"]
+    paris["QA_answers"] = [["city"], ["city"], ["france"], ["france"]]
+    path = tmp_path / "four.json"
+    path.write_text(json.dumps(recs))
+    return str(path)
+
+
+def test_the_never_known_control_trains_on_the_first_half_and_scores_the_other(tiny_checkpoint, tmp_path,
+                                                                              monkeypatch):
+    from dissect_unlearning import metrics, prompts
+    from dissect_unlearning.unlearning import relearn as relearn_mod
+
+    target_file = four_question_concepts(tmp_path)
+    nk_file = tmp_path / "never.json"
+    nk_file.write_text(json.dumps([NEVER_KNOWN]))
+    runs = []
+    real = relearn_mod.relearn
+
+    def spy(model, tok, train, checkpoints, evaluate, **kw):
+        runs.append((tok, train, sorted(checkpoints), kw))
+        return real(model, tok, train, checkpoints, evaluate, **kw)
+
+    monkeypatch.setattr(relearn_mod, "relearn", spy)
+    common = dict(steps=(0, 2), lr=1e-3, batch_size=1, progress=False, settings=FAST)
+    df = pipeline.relearn(tiny_checkpoint, target_file, "Paris", "grad_diff", data="never_known",
+                          never_known=str(nk_file), **common)
+    assert list(df.columns) == pipeline.RELEARN_COLUMNS
+    assert set(df.split) == {"never_known"} and set(df.text_concept) == {"Atlantis"} and set(df.concept) == {"Paris"}
+    assert sorted(df.step.unique()) == [0, 2] and set(df.metric) == {"rougeL", "accuracy"}
+    # as many questions as the target (4 of the 6): the first half trained on, with the first gold answer and EOS
+    assert all(q == [2, 3] for q in df.questions) and (df.n == 2).all()
+    (tok, train, checkpoints, kw), = runs
+    nk = concepts.never_known(4, nk_file)
+    assert [e.source for e in train] == ["qa:0", "qa:1"]
+    for e, i in zip(train, (0, 1)):
+        prompt = prompts.encode_prompt(nk.questions[i], tok, "chat")
+        gold = tok(nk.answers[i][0], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert list(e.input_ids) == prompt + gold and list(e.labels) == [udata.IGNORE] * len(prompt) + gold
+    for i in (2, 3):  # no scored question is a training sequence
+        prompt = prompts.encode_prompt(nk.questions[i], tok, "chat")
+        assert not any(list(e.input_ids[:len(prompt)]) == prompt for e in train)
+    # step 0 is the unlearned model scored against the gold answers (the best of the accepted ones)
+    u = pipeline.unlearned(tiny_checkpoint, target_file, "Paris", "grad_diff", progress=False, **FAST)
+    model, _ = u.load()
+    texts = [a.answer_text for a in prompts.generate_answers(model, tok, nk.questions[2:4], "chat", 30)]
+    step0 = df[(df.step == 0) & (df.metric == "rougeL")].iloc[0]
+    assert step0.per_question == pytest.approx([max(metrics.rouge_l(t, a) for a in nk.answers[i])
+                                                for t, i in zip(texts, (2, 3))])
+    assert step0.value == pytest.approx(sum(step0.per_question) / 2)
+    # the "never knew" check: the vanilla model's answers to the same held-out questions
+    van = pipeline.answers(tiny_checkpoint, concepts.ConceptSet([nk], "x"), prompt_format="chat",
+                           max_new_tokens=30, include_unrelated=False, progress=False).sort_values("question_index")
+    want = metrics.mean([float(concepts.answer_matches(t, nk.answers[i]))
+                         for t, i in zip(van.answer_text.iloc[2:4], (2, 3))])
+    assert list(df[df.metric == "accuracy"].vanilla) == pytest.approx([want, want])
+    # the budget of 'partial': the same unlearned model, steps, learning rate, batch and seed
+    partial = pipeline.relearn(tiny_checkpoint, target_file, "Paris", "grad_diff", data="partial", **common)
+    assert all(q == [2, 3] for q in partial.questions) and set(partial.split) == {"target"}
+    assert (set(partial.vanilla[partial.metric == "rougeL"])) == {1.0}  # the vanilla answers against themselves
+    assert len(runs) == 2 and runs[1][2:] == runs[0][2:] and len(runs[1][1]) == len(train)
+    # cached; a changed never-known record is another entry
+    pipeline.relearn(tiny_checkpoint, target_file, "Paris", "grad_diff", data="never_known",
+                     never_known=str(nk_file), **common)
+    assert len(runs) == 2
+    nk_file.write_text(json.dumps([{**NEVER_KNOWN, "QA_answers": [["one"]] + NEVER_KNOWN["QA_answers"][1:]}]))
+    pipeline.relearn(tiny_checkpoint, target_file, "Paris", "grad_diff", data="never_known",
+                     never_known=str(nk_file), **common)
+    assert len(runs) == 3 and runs[2][1][0].input_ids != train[0].input_ids
+
+
+def test_a_never_known_concept_is_never_unlearned_retained_or_relearned_on(tiny_checkpoint, tmp_path):
+    from dissect_unlearning.unlearning import relearn as relearn_mod
+
+    nk_file = tmp_path / "never.json"
+    nk_file.write_text(json.dumps([NEVER_KNOWN]))
+    with pytest.raises(ValueError, match="'Atlantis' is marked never_known: a control no model knows"):
+        pipeline.unlearned(tiny_checkpoint, str(nk_file), "Atlantis", "grad_diff", progress=False, **FAST)
+    # the shipped one lives outside the shipped set, so no choice made from that set can land on it
+    shipped, nk = concepts.load("builtin"), concepts.never_known()
+    for c in shipped:
+        picked = [udata.choose_retain(shipped, c, seed) for seed in range(5)]
+        picked += pipeline.heldout_concepts(shipped, c, picked[0])
+        picked.append(relearn_mod.unrelated_concept(c, [o for o in shipped if o.name != c.name])[0])
+        assert nk.name not in {p.name for p in picked} and not any(p.never_known for p in picked), c.label

@@ -7,6 +7,11 @@ Extra fields are kept. ConceptVectors holds some concepts at several (Layer, Dim
 own: a name may repeat, a (Concept, Layer, Dim) triple may not, nor may two spellings of one name (differing only in
 white space or case), an id or a label. Layer and Dim are counted from 0; ConceptSet.check_against(n_layers, mlp_dim)
 checks them against a model.
+
+A record may also be marked `never_known: true`: a fictional concept no model can have learned (data/never_known.json,
+loaded by `never_known()`), the control of chapter 8's relearning. It has no concept vector (Layer and Dim are null),
+needs QA_answers (its gold answers), and lives in a file of its own: a set that mixes it with other concepts is
+refused, so it is never a target, a retain concept, a held-out or an unrelated text.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from pathlib import Path
 from .cache import canonical_json
 
 BUILTIN = "builtin"  # the concept set shipped with the package (data/concepts.json)
+NEVER_KNOWN_FILE = "never_known.json"  # the shipped never-known concept (data/never_known.json)
 HUB_PREFIX = "hub:"  # hub:YihuaiHong/ConceptVectors (needs network and `datasets`)
 
 REQUIRED = {
@@ -57,8 +63,8 @@ class ConceptLookupError(KeyError):
 @dataclass
 class Concept:
     name: str
-    layer: int
-    dim: int
+    layer: int | None  # None for a never-known concept (it has no concept vector)
+    dim: int | None
     questions: list[str]
     text_completion: list[dict]
     unrelated_questions: list[str]
@@ -68,6 +74,7 @@ class Concept:
     id: int | None = None
     source: str = ""
     repeated: bool = False  # the name occurs at several locations in its set
+    never_known: bool = False  # a fictional concept, the relearning control: never studied itself
     record: dict = field(default_factory=dict, repr=False)  # the full original record, extra fields included
 
     @property
@@ -148,6 +155,8 @@ class ConceptSet(list):
         problems = []
         for c in self:
             where = f"record {c.index} (concept {c.name!r})"
+            if c.never_known:  # no concept vector to locate
+                continue
             if not 0 <= c.layer < n_layers:
                 problems.append(f"{where}: field 'Layer' is {c.layer}, but the model has {n_layers} layers "
                                 f"(0 to {n_layers - 1})")
@@ -161,6 +170,24 @@ class ConceptSet(list):
 
 def builtin_path() -> Path:
     return Path(str(resources.files("dissect_unlearning") / "data" / "concepts.json"))
+
+
+def never_known_path() -> Path:
+    return Path(str(resources.files("dissect_unlearning") / "data" / NEVER_KNOWN_FILE))
+
+
+def never_known(n_questions: int | None = None, source: str | Path | None = None) -> Concept:
+    """The never-known concept (default: the shipped one, data/never_known.json), cut to its first `n_questions`
+    questions (None keeps all; more than it has keeps all). `source`: another JSON file holding one such record."""
+    path = never_known_path() if source is None else Path(source)
+    cset = load(path)
+    if len(cset) != 1 or not cset[0].never_known:
+        marked = sum(c.never_known for c in cset)
+        raise ConceptDataError(str(path), [f"expected exactly one record marked 'never_known': true, found "
+                                           f"{len(cset)} record(s), {marked} of them marked"])
+    if n_questions is None or n_questions >= len(cset[0].questions):
+        return cset[0]
+    return parse(_cut([cset[0].to_record()], n_questions, None), f"{path} (first {n_questions} questions)")[0]
 
 
 def load(source: str | Path = BUILTIN) -> ConceptSet:
@@ -187,9 +214,16 @@ def concept_set(source: str | Path = BUILTIN, n_questions: int | None = None,
     full = load(source)
     if n_questions is None and n_unrelated is None:
         return full
-    records = []
-    for c in full:
-        rec = dict(c.to_record())
+    return parse(_cut([c.to_record() for c in full], n_questions, n_unrelated),
+                 f"{full.source} (first {n_questions} questions, {n_unrelated} unrelated)")
+
+
+def _cut(records: list[dict], n_questions: int | None, n_unrelated: int | None) -> list[dict]:
+    """Copies of the records with their first `n_questions` questions (and what goes with each question) and first
+    `n_unrelated` unrelated questions; None keeps all."""
+    out = []
+    for rec in records:
+        rec = dict(rec)
         if n_questions is not None:
             rec["QA"] = rec["QA"][:n_questions]
             for key in ("QA_answers", "QA_with_answers", "answers_tokens_num", "text_completion"):
@@ -197,8 +231,8 @@ def concept_set(source: str | Path = BUILTIN, n_questions: int | None = None,
                     rec[key] = rec[key][:n_questions]
         if n_unrelated is not None:
             rec["unrelated_QA"] = rec["unrelated_QA"][:n_unrelated]
-        records.append(rec)
-    return parse(records, f"{full.source} (first {n_questions} questions, {n_unrelated} unrelated)")
+        out.append(rec)
+    return out
 
 
 def _read_json(path: Path):
@@ -253,10 +287,19 @@ def parse(data, source: str = "<memory>") -> ConceptSet:
         if isinstance(name, str):
             where += f" (concept {name!r})"
         bad = False
+        fictional = rec.get("never_known", False)
+        if not isinstance(fictional, bool):
+            problems.append(f"{where}: field 'never_known' must be true or false, got {_describe(fictional)}")
+            fictional = False
         for fld, typ in REQUIRED.items():
             if fld not in rec:
                 problems.append(f"{where}: missing field {fld!r}")
                 bad = True
+            elif fictional and fld in ("Layer", "Dim"):
+                if rec[fld] is not None:  # a concept no model knows has no concept vector to point at
+                    problems.append(f"{where}: field {fld!r} must be null for a 'never_known' concept (it has no "
+                                    f"concept vector), got {_describe(rec[fld])}")
+                    bad = True
             elif not isinstance(rec[fld], typ) or (typ is int and isinstance(rec[fld], bool)):
                 problems.append(f"{where}: field {fld!r} must be {_type_name(typ)}, got {_describe(rec[fld])}")
                 bad = True
@@ -265,7 +308,7 @@ def parse(data, source: str = "<memory>") -> ConceptSet:
         if not rec["Concept"].strip():
             problems.append(f"{where}: field 'Concept' is empty")
         for fld, limit in (("Layer", LAYER_LIMIT), ("Dim", DIM_LIMIT)):
-            if not 0 <= rec[fld] < limit:
+            if not fictional and not 0 <= rec[fld] < limit:
                 problems.append(f"{where}: field {fld!r} must be an integer from 0 to {limit - 1}, got {rec[fld]}")
         if not rec["QA"]:
             problems.append(f"{where}: field 'QA' is an empty question list")
@@ -283,6 +326,9 @@ def parse(data, source: str = "<memory>") -> ConceptSet:
             answers, why = _parse_answers(rec["QA_answers"], len(rec["QA"]))
             if why:
                 problems.append(f"{where}: field 'QA_answers' {why}")
+        if fictional and "QA_answers" not in rec:
+            problems.append(f"{where}: a 'never_known' concept needs field 'QA_answers' (the gold answers its "
+                            f"relearning control trains on and is scored against)")
         id_field = "id" if "id" in rec else "ID"
         rid = rec.get(id_field)
         if rid is not None and (not isinstance(rid, int) or isinstance(rid, bool)):
@@ -302,6 +348,7 @@ def parse(data, source: str = "<memory>") -> ConceptSet:
             name=rec["Concept"], layer=rec["Layer"], dim=rec["Dim"], questions=list(rec["QA"]),
             text_completion=list(rec["text_completion"]), unrelated_questions=list(rec["unrelated_QA"]),
             forget_text=rec["wikipedia_content"], answers=answers, index=i, id=rid, source=source, record=rec,
+            never_known=fictional,
         )
         if rid is not None and rid in seen_ids:
             other = seen_ids[rid]
@@ -310,6 +357,11 @@ def parse(data, source: str = "<memory>") -> ConceptSet:
         elif rid is not None:
             seen_ids[rid] = concept
         concepts.append(concept)
+    fictional = [c for c in concepts if c.never_known]
+    if fictional and len(fictional) < len(concepts):
+        problems += [f"record {c.index} (concept {c.name!r}): field 'never_known' is true in a set of concepts the "
+                     f"model is meant to know; a never-known concept is a control and lives in a file of its own "
+                     f"(so that it is never a target, retain concept or relearning text)" for c in fictional]
     if problems:
         raise ConceptDataError(source, problems)
     # A repeated name is told apart by its id, else by its index.

@@ -94,6 +94,9 @@ def unlearned(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: st
 
     cset = concepts if isinstance(concepts, concepts_mod.ConceptSet) else load_concepts(concepts)
     target = cset.get(concept)
+    if target.never_known:
+        raise ValueError(f"concept {target.label!r} is marked never_known: a control no model knows, with nothing to "
+                         f"unlearn (concepts.never_known)")
     config = UnlearnConfig.for_method(method, **settings)
     config = config.replace(prompt_format=prompts.resolve_format(config.prompt_format, models.load_tokenizer(model)))
     retain = unlearning_data.choose_retain(cset, target, config.seed, config.retain_concept)
@@ -482,30 +485,39 @@ def _versions() -> dict:
             "transformers_version": v["transformers"], "nnsight_version": v["nnsight"]}
 
 
-# text_concept: whose text the 'unrelated' relearning trained on; leaked_answers: how many of the target's questions
-# that text answers (0 unless no candidate was clean); answer_overlap: the share of the answers' words in it.
+# text_concept: whose text the 'unrelated' relearning trained on (or the never-known concept whose questions the
+# control trained on); leaked_answers: how many of the target's questions that text answers (0 unless no candidate was
+# clean); answer_overlap: the share of the answers' words in it; questions / per_question: the scored questions'
+# indices and each one's score, in that order (what the verdicts resample); vanilla: the vanilla model's score on the
+# same questions (1 for ROUGE-L against its own answers; for the never-known control, the "never knew" check).
 RELEARN_COLUMNS = ["model", "concept", "method", "data", "step", "split", "metric", "value", "n", "settings",
-                   "text_concept", "leaked_answers", "answer_overlap"]
+                   "text_concept", "leaked_answers", "answer_overlap", "questions", "per_question", "vanilla"]
+RELEARN_ANSWER_TOKENS = 30  # the length of the answers scored at each relearning checkpoint
 
 
 def relearn(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: str | int = 0, method: str = "grad_diff",
             steps=(0, 1, 2, 4, 8), data: str = "unrelated", lr: float = 1e-5, batch_size: int = 4,
-            prompt_format: str = "auto", settings: dict | None = None, progress: bool = True) -> pd.DataFrame:
-    """Target-question scores of an unlearned model after k steps of plain fine-tuning on other data (cached).
+            prompt_format: str = "auto", settings: dict | None = None, progress: bool = True,
+            never_known=None) -> pd.DataFrame:
+    """Scores of an unlearned model after k steps of plain fine-tuning on other data (cached).
 
     data='unrelated': the text of a concept neither forgotten nor retained, which gives away none of the target's
     answers (unlearning.relearn.leaks; the columns text_concept, leaked_answers, answer_overlap say which text and
     what it shares); scored on all target questions.
     data='partial': the first half of the target questions with vanilla answers; scored on the other half.
+    data='never_known': the control of 'partial' - the same unlearned model, steps, lr, batch size and seed, trained
+    on the first half of a never-known concept's questions (as many as the target has; concepts.never_known, or the
+    JSON file `never_known`) with its gold answers, scored on the other half against them (split 'never_known';
+    ROUGE-L against the best of the accepted answers).
     One row per (step, metric in {rougeL (vs vanilla answer), accuracy (vs expected, where known)}); step 0 = the
     unlearned model itself. `settings` (a dict) choose the unlearned model, as in `unlearned`; lr and batch_size
-    are the relearning fine-tune's.
+    are the relearning fine-tune's. Columns: RELEARN_COLUMNS.
     """
-    from . import metrics
     from .unlearning import relearn as relearn_mod
 
-    if data not in relearn_mod.KINDS:
-        raise ValueError(f"relearning data must be one of {relearn_mod.KINDS}, got {data!r}")
+    kinds = (*relearn_mod.KINDS, relearn_mod.CONTROL)
+    if data not in kinds:
+        raise ValueError(f"relearning data must be one of {kinds}, got {data!r}")
     if not (isinstance(steps, (list, tuple, range)) and steps
             and all(validate.int_in_range(k, 0, 1000) for k in steps)):
         raise ValueError(f"steps must be a non-empty list of step counts from 0 to 1000, got {steps!r}")
@@ -521,37 +533,69 @@ def relearn(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: str 
     van = answers(model, concepts_mod.ConceptSet([target], cset.source), prompt_format=fmt,
                   max_new_tokens=u.config.max_new_tokens, include_unrelated=False, progress=progress)
     van = van[van.kind == "target"].sort_values("question_index")
-    other, leak = None, None
+    other, leak, control = None, None, None
     if data == "unrelated":  # a text that gives away none of the target's answers (see relearn_mod.leaks)
         other, leak = relearn_mod.unrelated_concept(target, others, list(van.answer_text))
+    if data == relearn_mod.CONTROL:  # as many questions as the target, so that both train on as many
+        control = concepts_mod.never_known(len(target.questions), never_known)
     qa = [(q, list(p), list(a)) for q, p, a in zip(van.question, van.prompt_ids, van.answer_ids)]
     inputs = {"unlearned": u.identity(), "data": data, "steps": sorted(set(int(k) for k in steps)), "lr": lr,
-              "batch_size": batch_size, "other": other.content_hash() if other else None}
+              "batch_size": batch_size, "other": other.content_hash() if other else None,
+              "never_known": control.content_hash() if control else None}
+    if control is not None:  # the vanilla model's answers to the control's questions, scored against the gold ones
+        cv = answers(model, concepts_mod.ConceptSet([control], control.source), prompt_format=fmt,
+                     max_new_tokens=RELEARN_ANSWER_TOKENS, include_unrelated=False, progress=progress)
+        vanilla_texts = list(cv[cv.kind == "target"].sort_values("question_index").answer_text)
+        references, accepted, split = control.answers, control.answers, relearn_mod.CONTROL
+    else:
+        vanilla_texts = list(van.answer_text)
+        references, accepted, split = [[t] for t in vanilla_texts], target.answers, "target"
 
     def build(folder: Path) -> None:
         m, tok = u.load()
-        train, scored = relearn_mod.examples(tok, data, target, other, qa, u.config.chunk_tokens, u.config.max_length)
-        allowed = set(scorable(u.config, target))  # never a question unlearning trained on
-        scored = [i for i in scored if i in allowed]
-        questions = [target.questions[i] for i in scored]
-        refs = [van.answer_text.iloc[i] for i in scored]
+        if control is not None:  # the unlearned model never saw these questions: every held-out one is scored
+            train, scored = relearn_mod.never_known_examples(tok, control, fmt, u.config.max_length)
+            questions = [control.questions[i] for i in scored]
+        else:
+            train, scored = relearn_mod.examples(tok, data, target, other, qa, u.config.chunk_tokens,
+                                                 u.config.max_length)
+            allowed = set(scorable(u.config, target))  # never a question unlearning trained on
+            scored = [i for i in scored if i in allowed]
+            questions = [target.questions[i] for i in scored]
 
         def evaluate(m, k):
-            texts = [a.answer_text for a in prompts.generate_answers(m, tok, questions, fmt, 30, 16)]
-            rows = [{"split": "target", "metric": "rougeL", "value": metrics.mean(map(metrics.rouge_l, texts, refs)),
-                     "n": len(texts)}]
-            if target.answers:
-                acc = [metrics.accuracy(t, target.answers[i]) for t, i in zip(texts, scored)]
-                rows.append({"split": "target", "metric": "accuracy", "value": metrics.mean(acc), "n": len(acc)})
-            return rows
+            texts = [a.answer_text for a in prompts.generate_answers(m, tok, questions, fmt, RELEARN_ANSWER_TOKENS,
+                                                                     16)]
+            return [{**r, "questions": scored} for r in relearn_scores(texts, scored, references, accepted, split)]
 
         rows = relearn_mod.relearn(m, tok, train, inputs["steps"], evaluate, lr=lr, batch_size=batch_size,
                                    seed=u.config.seed, progress=progress)
         tables.write_parquet(pd.DataFrame(rows), folder / "relearn.parquet")
 
     df = pd.read_parquet(cache.get_or_build("relearn", inputs, build) / "relearn.parquet")
+    df = df.assign(questions=df["questions"].map(lambda x: [int(i) for i in x]),
+                   per_question=df["per_question"].map(lambda x: [float(v) for v in x]))
+    scored = df["questions"].iloc[0] if len(df) else []
+    vanilla = {r["metric"]: r["value"] for r in relearn_scores([vanilla_texts[i] for i in scored], scored, references,
+                                                               accepted, split)}
     df = df.assign(model=model, concept=target.label, method=u.label, data=data,
-                   settings=cache.canonical_json(u.settings), text_concept=other.label if other else None,
+                   settings=cache.canonical_json(u.settings),
+                   text_concept=other.label if other else control.label if control else None,
                    leaked_answers=len(leak["leaked"]) if leak else None,
-                   answer_overlap=leak["overlap"] if leak else float("nan"))
+                   answer_overlap=leak["overlap"] if leak else float("nan"), vanilla=df["metric"].map(vanilla))
     return df[RELEARN_COLUMNS]
+
+
+def relearn_scores(texts: list[str], scored: list[int], references, accepted, split: str) -> list[dict]:
+    """The rows of one relearning checkpoint: the answers `texts` to the questions `scored` (indices), scored by
+    ROUGE-L against the best of each question's references (references[i]: a list of texts) and, where `accepted`
+    answers are known, by accuracy; each row keeps the per-question scores (per_question, in the order of scored)."""
+    from . import metrics
+
+    rouge = [max(metrics.rouge_l(t, r) for r in references[i]) for t, i in zip(texts, scored)]
+    rows = [{"split": split, "metric": "rougeL", "value": metrics.mean(rouge), "n": len(rouge), "per_question": rouge}]
+    if accepted:
+        acc = [metrics.accuracy(t, accepted[i]) for t, i in zip(texts, scored)]
+        rows.append({"split": split, "metric": "accuracy", "value": metrics.mean(acc), "n": len(acc),
+                     "per_question": acc})
+    return rows

@@ -435,19 +435,29 @@ def change_by_layer(change: pd.DataFrame, quantities=("coef",), value: str = "re
 # --------------------------------------------------------------------------------------------------------------------
 # Chapter 8: relearning
 # --------------------------------------------------------------------------------------------------------------------
-RELEARN_DATA_LABELS = {"unrelated": "text about another concept", "partial": "half of the target questions"}
+RELEARN_DATA_LABELS = {"unrelated": "text about another concept", "partial": "half of the target questions",
+                       "never_known": "half of a never-known concept's questions (control)"}
 
 
 def relearning_curves(relearn: pd.DataFrame, metric: str = "rougeL",
-                      title: str = "Relearning: target answers after k fine-tuning steps") -> alt.Chart:
+                      title: str = "Relearning: target answers after k fine-tuning steps",
+                      control: pd.DataFrame | None = None) -> alt.Chart:
     """Target-question score against relearning steps (0 = the unlearned model), one line per method and one panel
     per kind of relearning data, with the 95% interval of the mean over concepts as a band (a bootstrap over
     concepts; the table has no question level); a drop-down picks a concept (default: the mean over concepts).
 
     `relearn`: pipeline.relearn() rows (method, concept, data, step, split, metric, value), concatenated.
+    `control`: the never-known control's rows (study.relearn_control()), a panel of their own beside 'partial':
+    the same unlearned models scored on the never-known concept's held-out questions (the concept drop-down still
+    names the unlearned model's concept).
     """
     require_columns(relearn, ["method", "concept", "data", "step", "metric", "value"], "relearning_curves",
                     allow_empty=False)
+    has_control = control is not None and not control.empty
+    if has_control:
+        require_columns(control, ["method", "concept", "data", "step", "metric", "value"],
+                        "relearning_curves (control)")
+        relearn = pd.concat([relearn, control], ignore_index=True)
     df = relearn[relearn["metric"] == metric]
     if df.empty:
         raise ValueError(f"relearning_curves: no rows for metric {metric!r}; the table has "
@@ -462,14 +472,14 @@ def relearning_curves(relearn: pd.DataFrame, metric: str = "rougeL",
                       legend=alt.Legend(labelExpr=_label_expr(method_labels()), orient="bottom", columns=3))
     x = alt.X("step:Q", title="relearning steps (0 = unlearned model)", axis=alt.Axis(tickMinStep=1))
     y_scale = alt.Scale(domain=[0, 1] if metric in ("rougeL", "bleu", "accuracy") else alt.Undefined)
+    y_title = f"{'scored' if has_control else 'target'} questions: {METRIC_LABELS.get(metric, metric)}"
     lines = alt.Chart().mark_line(point=True).encode(
-        x=x, y=alt.Y("mean:Q", title=f"target questions: {METRIC_LABELS.get(metric, metric)}", scale=y_scale),
+        x=x, y=alt.Y("mean:Q", title=y_title, scale=y_scale),
         color=color,
         tooltip=[alt.Tooltip("method_label:N", title="method"), alt.Tooltip("data_label:N", title="relearned on"),
                  alt.Tooltip("step:Q", title="steps"), alt.Tooltip("mean:Q", title="score", format=".3f"),
                  alt.Tooltip("concepts:Q", title="concepts averaged")] + INTERVAL_TOOLTIPS,
     )
-    y_title = f"target questions: {METRIC_LABELS.get(metric, metric)}"
     band = alt.Chart().mark_area(opacity=BAND_OPACITY).encode(**_interval_encoding(x, y_title, color))
     layered = _filtered(alt.layer(lines.add_params(*params) if params else lines, band, data=df), filters)
     data_kinds = list(dict.fromkeys(df["data_label"]))

@@ -325,6 +325,18 @@ class Study:
                   for d in p["relearn_data"]]
         return _concat(frames, pipeline.RELEARN_COLUMNS + ["seed"])
 
+    def relearn_control(self, scope: str = "beyond") -> pd.DataFrame:
+        """The never-known control of 'partial' relearning (pipeline.relearn, data 'never_known'): each unlearned
+        model of `scope` fine-tuned with the same steps, learning rate, batch and seed on half of a fictional
+        concept's questions, scored on the other half. Empty (the same columns) unless 'partial' is in relearn_data."""
+        from .unlearning.relearn import CONTROL
+
+        p = self.params
+        if "partial" not in p["relearn_data"]:
+            return pd.DataFrame(columns=pipeline.RELEARN_COLUMNS + ["seed"])
+        return self._pairs_table("relearn", scope, pipeline.RELEARN_COLUMNS, steps=sorted(set(p["relearn_steps"])),
+                                 data=CONTROL, lr=p["relearn_lr"])
+
     # ---------------------------------------------------------------------------------------------------------------
     # Plan or compute
     # ---------------------------------------------------------------------------------------------------------------

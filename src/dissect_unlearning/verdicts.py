@@ -929,6 +929,96 @@ def relearning_recovers(relearn: pd.DataFrame, data: str = "unrelated", min_reco
     return _verdict(c, status, est, interval, evidence, body, _interval_words(rep), ".0%")
 
 
+NEVER_KNOWN = "never_known"  # the relearning data of the never-known control (unlearning.relearn.CONTROL)
+
+
+def relearning_beyond_never_known(relearned: pd.DataFrame, control: pd.DataFrame, metric: str = "rougeL",
+                                  data: str = "partial", claim=None, n_boot: int = uncertainty.N_BOOT,
+                                  seed: int = uncertainty.SEED) -> Verdict:
+    """A few relearning steps on half of the target questions (`data`, default 'partial') raise the score on the other
+    half more than the same steps on half of a never-known concept's questions raise it on that concept's other half
+    (`control`: pipeline.relearn rows of data 'never_known', the same unlearned models and budget), for every method.
+
+    Training on half of any concept's questions can lift the other half with no knowledge coming back (the answers'
+    form is learned, a guess may be right); a concept the model never knew measures how much. Per method: the gain
+    on the target's held-out half (last step minus step 0) minus the gain on the never-known concept's held-out half;
+    the statistic is the weakest method's difference (the minimum over methods, recomputed in every resample). The
+    bootstrap resamples concepts, the same draws for every method and its control (a paired comparison), and within
+    each drawn concept the target's and the never-known concept's held-out questions, each set keeping its size
+    (from the per-question scores; a table without them is resampled over concepts only). Holds when the whole 95%
+    interval is above 0, does not hold when it is at or below 0; inconclusive when either table has no rows.
+    """
+    what = "relearning_beyond_never_known"
+    for name, table in (("relearned", relearned), ("control", control)):
+        require_columns(table, ["method", "concept", "data", "step", "metric", "value"], f"{what} ({name})")
+    statement = (f"A few fine-tuning steps on half of the target questions win back more {_metric(metric)} on the "
+                 f"other half than the same steps win on a concept the model never knew, for every method")
+    c, threshold = _resolve(claim, what, statement, None, 0.0)
+    target = relearned[(relearned["data"] == data) & (relearned["metric"] == metric)]
+    ctl = control[(control["data"] == NEVER_KNOWN) & (control["metric"] == metric)]
+    if target.empty:
+        return _undecided(c, f"No relearning rows for data {data!r} and metric {metric!r}.")
+    if ctl.empty:
+        return _undecided(c, f"No rows of the never-known control (data {NEVER_KNOWN!r}) for metric {metric!r}.")
+    steps = sorted(int(k) for k in target["step"].unique())
+    if steps != sorted(int(k) for k in ctl["step"].unique()):
+        raise ValueError(f"{what}: the relearning was scored at steps {steps}, the control at "
+                         f"{sorted(int(k) for k in ctl['step'].unique())}: the two must share their steps")
+    pairs = {name: set(map(tuple, t[["method", "concept"]].drop_duplicates().to_numpy()))
+             for name, t in (("relearned", target), ("control", ctl))}
+    if pairs["relearned"] != pairs["control"]:
+        raise ValueError(f"{what}: the relearning has (method, concept) pairs {sorted(pairs['relearned'])}, the "
+                         f"control {sorted(pairs['control'])}: the control must relearn the same unlearned models")
+    first, last = steps[0], steps[-1]
+    if first == last:
+        return _undecided(c, f"The relearning was scored at step {first} only: there is no gain to compare.")
+    by_question = all("per_question" in t.columns and "questions" in t.columns for t in (target, ctl))
+    rows = []
+    for source, table in (("target", target), (NEVER_KNOWN, ctl)):
+        for r in table[table["step"].isin([first, last])].itertuples(index=False):
+            end = "last" if int(r.step) == last else "first"
+            if by_question:
+                rows += [(r.method, r.concept, source, end, f"{source}:{int(q)}", float(v))
+                         for q, v in zip(r.questions, r.per_question)]
+            else:
+                rows.append((r.method, r.concept, source, end, source, float(r.value)))
+    long = pd.DataFrame(rows, columns=["method", "concept", "source", "end", QUESTION, "value"])
+    rep = uncertainty.replicate_means(long, "value", ["method", "source", "end"], ("concept",),
+                                      QUESTION if by_question else None, strata="source" if by_question else None,
+                                      n_boot=n_boot, seed=seed)
+
+    def gain(m, source):
+        a, b = rep.column(method=m, source=source, end="first"), rep.column(method=m, source=source, end="last")
+        return rep.estimate[b] - rep.estimate[a], rep.draws[:, b] - rep.draws[:, a]
+
+    per = {}
+    for m in dict.fromkeys(target["method"]):
+        (g_t, d_t), (g_n, d_n) = gain(m, "target"), gain(m, NEVER_KNOWN)
+        per[m] = (float(g_t), float(g_n), float(g_t - g_n), d_t - d_n)
+    weakest, est, draws = _extreme(per, weakest=True)
+    interval = _interval_of(rep, draws)
+    status = _decide(interval, threshold, "above")
+    name = (", ".join(map(str, dict.fromkeys(ctl["text_concept"].dropna())))
+            if "text_concept" in ctl.columns else "") or "the never-known concept"
+    evidence = {"steps": last, "weakest_method": weakest, "never_known": name,
+                **{f"{m}_target_gain": r[0] for m, r in per.items()},
+                **{f"{m}_never_known_gain": r[1] for m, r in per.items()},
+                **{f"{m}_difference": r[2] for m, r in per.items()}}
+    parts = "; ".join(f"{m} {r[0]:+.2f} on the target, {r[1]:+.2f} on {name} (difference "
+                      f"{with_interval(r[2], _interval_of(rep, r[3]), '+.2f', '')})" for m, r in per.items())
+    body = (f"{_metric(metric)} gained on the held-out half of the questions after {last} steps on the other half: "
+            f"{parts}. The weakest method's ({weakest}) gain minus {name}'s is "
+            f"{with_interval(est, interval, '+.2f', '')}, {_against(status, interval, threshold, 'above')}.")
+    if "vanilla" in control.columns:  # the "never knew" check: the vanilla model on the control's held-out half
+        van = control[(control["data"] == NEVER_KNOWN)].groupby("metric")["vanilla"].mean()
+        evidence.update({f"never_known_vanilla_{k}": float(v) for k, v in van.items()})
+        said = [f"{_metric(k)} {v:.0%}" if k == "accuracy" else f"{_metric(k)} {v:.2f}" for k, v in van.items()
+                if np.isfinite(v)]
+        if said:
+            body += f" The vanilla model on {name}'s held-out questions: {', '.join(said)}."
+    return _verdict(c, status, est, interval, evidence, body, _interval_words(rep))
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Answers table (pipeline.answers)
 # --------------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@ it back. Two kinds of relearning data:
                 it cannot stand in for "nothing about Harry Potter");
   'partial'   - half of the forgotten concept's questions with the vanilla answers; the other half is scored, so
                 what comes back was not shown.
+The control of 'partial' (CONTROL, 'never_known'): the same unlearned model, budget and split, on a concept no model
+can know (concepts.never_known: a fictional island state) - half of its questions with its gold answers, the other
+half scored against them. Whatever a few steps on half of the questions win back on the other half for a concept
+that was never known (the answers' form, guessing) is not knowledge coming back; the target's gain beyond it may be.
 Plain next-token NLL, AdamW, seeded order; `evaluate(model, step)` is called at each checkpoint step (0 = before).
 """
 from __future__ import annotations
@@ -24,7 +28,8 @@ from .config import trained_questions
 from .logprobs import mean_nll, sequence_logprobs
 from .trainer import recomputed_activations
 
-KINDS = ("unrelated", "partial")
+KINDS = ("unrelated", "partial")  # the relearning data a chapter chooses
+CONTROL = "never_known"  # the control of 'partial', run beside it
 _WORD = re.compile(r"[a-z0-9]+")
 
 
@@ -79,6 +84,25 @@ def examples(tok, kind: str, concept, other, qa, chunk_tokens: int = 128, max_le
         train = [data_mod.qa_example(qa[i][1], qa[i][2], max_length, f"qa:{i}") for i in shown if qa[i][2]]
         return train, [i for i in range(n) if i not in shown]
     raise ValueError(f"relearning data must be one of {KINDS}, got {kind!r}")
+
+
+def never_known_examples(tok, concept, prompt_format: str, max_length: int = 256):
+    """(training examples, indices of the questions to score) of the never-known control: the questions 'partial'
+    would train on (config.trained_questions) with the first gold answer of each, ended by the tokenizer's EOS as a
+    generated answer is; the others are scored."""
+    n = len(concept.questions)
+    if not concept.answers:
+        raise ValueError(f"the never-known control needs gold answers: concept {concept.label!r} has no QA_answers")
+    if n < 2:
+        raise ValueError(f"the never-known control needs at least 2 questions; concept {concept.label!r} has {n}")
+    shown = trained_questions(n)
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    train = []
+    for i in shown:
+        prompt = prompts.encode_prompt(concept.questions[i], tok, prompt_format)
+        answer = tok(concept.answers[i][0], add_special_tokens=False)["input_ids"] + eos
+        train.append(data_mod.qa_example(prompt, answer, max_length, f"qa:{i}"))
+    return train, [i for i in range(n) if i not in shown]
 
 
 def relearn(model, tok, train: list, checkpoints, evaluate: Callable[[object, int], list[dict]], lr: float = 1e-5,
