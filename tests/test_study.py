@@ -83,6 +83,7 @@ def smoke_tables() -> dict[str, pd.DataFrame]:
         "ch7_target": ch["side_effects"].sweeps(["coef"], layers=[-1], kind="target"),
         "ch8_reverse": ch["beyond"].sweeps(trio, "beyond", direction="reverse"),
         "ch8_relearn": ch["beyond"].relearn("beyond"),
+        "ch8_never_known": ch["beyond"].relearn_control("beyond"),
     }
 
 

@@ -190,13 +190,15 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in [
           None, 0.5, "this book: half of what unlearning removed",
           check="relearning_recovers"),
     Claim("beyond_relearn_never_known", "Does more come back than for a concept the model never knew?",
-          "A few fine-tuning steps on half of the target questions raise the ROUGE-L on the other half more than the "
+          "A few fine-tuning steps on half of the target questions raise the accuracy on the other half more than the "
           "same steps (the same unlearned model, learning rate, batch and seed) on half of a fictional concept's "
           "questions raise it on that concept's other half, for every method.",
           "this book", "a control for the claim above (the paper has no relearning experiment): training on half of "
           "any concept's questions can lift the other half with no knowledge coming back (the answers' form is "
           "learned), so the same relearning on a concept the model never knew (data/never_known.json) measures that",
-          None, 0.0, "this book: the weakest method's gain minus the never-known concept's gain must be above 0",
+          None, 0.0, "this book: the weakest method's accuracy gain minus the never-known concept's must be above 0 "
+                     "(accuracy against accepted answers: ROUGE-L against the target's vanilla sentences and against "
+                     "the fictional concept's short gold answers are not on one scale)",
           check="relearning_beyond_never_known"),
     Claim("beyond_family_knows", "Does the second model family know the concepts?",
           "The second model knows the concepts: its greedy answers contain an expected answer for half or more of "
