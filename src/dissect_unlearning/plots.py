@@ -169,10 +169,11 @@ def _filtered(chart, filters):
     return chart
 
 
-def _interval_encoding(x, y_title: str, color: alt.Color, **more) -> dict:
+def _interval_encoding(x, y_title: str, color: alt.Color, scale: alt.Scale | None = None, **more) -> dict:
     """Encodings of an interval layer (band or bars): lo to hi, in the line's colour. Layered after the lines, so
     that the shared legend takes its symbols from the lines, not from a faint band."""
-    return {"x": x, "y": alt.Y("lo:Q", title=y_title), "y2": "hi:Q", "color": color, **more}
+    y = alt.Y("lo:Q", title=y_title) if scale is None else alt.Y("lo:Q", title=y_title, scale=scale)
+    return {"x": x, "y": y, "y2": "hi:Q", "color": color, **more}
 
 
 def _interval_title(title: str, over: str, shown: str = "Band") -> alt.TitleParams:
@@ -343,13 +344,16 @@ def loss_curves(curves: pd.DataFrame) -> alt.Chart:
 # Chapters 4-7: knowledge recovery by window
 # --------------------------------------------------------------------------------------------------------------------
 def krs_by_window(sweep: pd.DataFrame, experiments=None, title: str = "Knowledge recovered by patching",
-                  y_title: str = "Knowledge Recovery Score (1 = vanilla output restored)") -> alt.Chart:
+                  y_title: str = "Knowledge Recovery Score (1 = vanilla output restored)",
+                  floor: float | None = None) -> alt.Chart:
     """KRS against the centre layer of the patched window, one line per experiment, with its 95% interval as a band.
 
     `sweep`: pipeline.sweep() rows (experiment, center_layer, layers, question_index, krs), concatenated over
     concepts and methods with columns `concept` and `method`. KRS is averaged over the questions of each
     (method, concept), then over the methods and concepts picked in the drop-downs; the interval is a bootstrap over
     those pairs and their questions (over the questions alone when one method and one concept are picked).
+    floor: the lowest KRS the axis shows; lower means and interval ends are drawn at it (their tooltips keep the
+    value), so that a patch that makes things far worse (KRS -1000) does not flatten every other line.
     """
     require_columns(sweep, ["experiment", "center_layer", "layers", "krs", "method", "concept"], "krs_by_window",
                     allow_empty=False)
@@ -368,17 +372,18 @@ def krs_by_window(sweep: pd.DataFrame, experiments=None, title: str = "Knowledge
     color = alt.Color("experiment:N", scale=experiment_scale(df["experiment"]), sort=order, title="restored",
                       legend=alt.Legend(labelExpr=_label_expr(experiment_labels()), orient="bottom", columns=3))
     x = alt.X("center_layer:Q", title="centre layer of the patched window", axis=alt.Axis(tickMinStep=1))
+    scale = alt.Scale() if floor is None else alt.Scale(domainMin=float(floor), clamp=True)
     encoding = dict(
-        x=x, y=alt.Y("mean:Q", title=y_title), color=color,
+        x=x, y=alt.Y("mean:Q", title=y_title, scale=scale), color=color,
         tooltip=[alt.Tooltip("experiment_label:N", title="restored"), alt.Tooltip("window:N", title="layers"),
                  alt.Tooltip("mean:Q", title="mean KRS", format=".3f"),
                  alt.Tooltip("pairs:Q", title="(method, concept) pairs averaged")] + INTERVAL_TOOLTIPS,
     )
     # An experiment with a single window has no line to draw a band around: its interval is a bar.
     df["single"] = df.groupby("experiment")["center_layer"].transform("nunique") == 1
-    band = alt.Chart(df).mark_area(opacity=BAND_OPACITY).encode(**_interval_encoding(x, y_title, color))
+    band = alt.Chart(df).mark_area(opacity=BAND_OPACITY).encode(**_interval_encoding(x, y_title, color, scale))
     bars = alt.Chart(df).transform_filter("datum.single").mark_errorbar(
-        ticks={"size": 8}).encode(**_interval_encoding(x, y_title, color))
+        ticks={"size": 8}).encode(**_interval_encoding(x, y_title, color, scale))
     lines = _filtered(alt.Chart(df).mark_line(point=alt.OverlayMarkDef(size=45, filled=True)).encode(**encoding),
                       filters)
     zero = alt.Chart(pd.DataFrame({"y": [0.0]})).mark_rule(color="#999", strokeDash=[3, 3]).encode(y="y:Q")
@@ -386,6 +391,8 @@ def krs_by_window(sweep: pd.DataFrame, experiments=None, title: str = "Knowledge
                         _filtered(bars, filters), zero)
     title = _interval_title(title, "bootstrap over (method, concept) pairs and questions",
                             "Band (a bar for a single window)")
+    if floor is not None and bool((df["lo"] < floor).any() | (df["mean"] < floor).any()):
+        title.subtitle = list(title.subtitle) + [f"Values below {floor:g} are drawn at {floor:g} (hover for them)."]
     return layered.properties(width=460, height=280, title=title)
 
 
