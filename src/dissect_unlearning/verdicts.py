@@ -490,6 +490,19 @@ def share_of_best(part: pd.DataFrame, whole: pd.DataFrame, experiment: str = "co
     return _verdict(c, status, share, interval, evidence, body, w.level)
 
 
+def _two_experiments(sweep, experiment: str, other: str, check: str, statement: str, claim, n_boot: int, seed: int):
+    """(claim, threshold, several windows?, _Windows) of a comparison of two experiments' held-out KRS; the
+    _Windows is None, and the claim an undecided Verdict, when the best window cannot be chosen on half of the
+    questions."""
+    df = _rows_of(sweep, [experiment, other], check)
+    c, threshold = _resolve(claim, check, statement, None, 0.0)
+    several = df.groupby("experiment")["center_layer"].nunique().max() > 1
+    if several and not _can_split(df):
+        return _undecided(c, "Choosing the best window on half of the questions and scoring it on the other half "
+                             "needs two or more questions per pair."), threshold, several, None
+    return c, threshold, several, _Windows(df, several, n_boot, seed)
+
+
 def stronger_than(sweep: pd.DataFrame, experiment: str = "coef", other: str = "attn", claim=None,
                   n_boot: int = uncertainty.N_BOOT, seed: int = uncertainty.SEED) -> Verdict:
     """At its best window, restoring `experiment` recovers more than restoring `other` does at its best window.
@@ -498,14 +511,11 @@ def stronger_than(sweep: pd.DataFrame, experiment: str = "coef", other: str = "a
     each, all questions score them); the statistic is the difference of the two held-out KRS, resampled on the same
     pairs and questions. Holds when its whole 95% interval is above 0, does not hold when it is at or below 0.
     """
-    df = _rows_of(sweep, [experiment, other], "stronger_than")
     statement = f"Restoring {_what(experiment)} recovers more than restoring {_what(other)}"
-    c, threshold = _resolve(claim, "stronger_than", statement, None, 0.0)
-    several = df.groupby("experiment")["center_layer"].nunique().max() > 1
-    if several and not _can_split(df):
-        return _undecided(c, "Choosing the best windows on half of the questions and scoring them on the other half "
-                             "needs two or more questions per pair.")
-    w = _Windows(df, several, n_boot, seed)
+    c, threshold, several, w = _two_experiments(sweep, experiment, other, "stronger_than", statement, claim, n_boot,
+                                                seed)
+    if w is None:
+        return c
     est_a, draws_a, _, _ = w.best(w.windows(experiment))
     est_b, draws_b, _, _ = w.best(w.windows(other))
     diff = est_a - est_b
@@ -528,15 +538,12 @@ def beyond_other_question(sweep: pd.DataFrame, experiment: str = "coef", control
     odd-numbered ones; the statistic is the difference, resampled on the same pairs and questions (the control's
     window follows each resample's choice). Holds when its whole 95% interval is above 0.
     """
-    df = _rows_of(sweep, [experiment, control], "beyond_other_question")
     statement = (f"At the best window, restoring {_what(experiment)} recovers more than restoring "
                  f"{_what(control)}")
-    c, threshold = _resolve(claim, "beyond_other_question", statement, None, 0.0)
-    several = df.groupby("experiment")["center_layer"].nunique().max() > 1
-    if several and not _can_split(df):
-        return _undecided(c, "Choosing the best window on half of the questions and scoring it on the other half "
-                             "needs two or more questions per pair.")
-    w = _Windows(df, several, n_boot, seed)
+    c, threshold, several, w = _two_experiments(sweep, experiment, control, "beyond_other_question", statement,
+                                                claim, n_boot, seed)
+    if w is None:
+        return c
     own, other = w.windows(experiment), w.windows(control)
     if list(own["center_layer"]) != list(other["center_layer"]):
         return _undecided(c, f"{_capital(_what(control))} was not run at the windows of {_what(experiment)}: "
