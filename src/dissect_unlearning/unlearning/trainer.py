@@ -192,18 +192,10 @@ def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, prog
 
     def save(step: int, rng: dict) -> None:
         dissect_progress.detail(f"step {step}/{n_steps}, saving a checkpoint")
-        state = {"fingerprint": fingerprint, "step": step, "seconds": time.time() - t0, "curve": curve, "rng": rng,
-                 "ref": ref, "reference_seconds": ref_seconds, "params": {n: p.detach() for n, p in trained},
-                 "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict()}
-        # Without the zip's CRC: torch.load never checks it, and it costs about a second per GB, which a stop
-        # waits for. The atomic folder is flushed to disk before it takes the checkpoint's name.
-        crc = torch.serialization.get_crc32_options()
-        torch.serialization.set_crc32_options(False)
-        try:
-            with cache.atomic_folder(checkpoint) as tmp:
-                torch.save(state, tmp / CHECKPOINT_FILE)
-        finally:
-            torch.serialization.set_crc32_options(crc)
+        write_checkpoint(checkpoint, {
+            "fingerprint": fingerprint, "step": step, "seconds": time.time() - t0, "curve": curve, "rng": rng,
+            "ref": ref, "reference_seconds": ref_seconds, "params": {n: p.detach() for n, p in trained},
+            "optimiser": optimiser.state_dict(), "scheduler": scheduler.state_dict()})
 
     # `done`: the steps whose update is complete. Model, optimiser, scheduler, curve and `rng` (the RNG state
     # then) all describe the run after step `done`, except while `updating`: an interruption then leaves no state
@@ -289,6 +281,20 @@ def discard_checkpoint(checkpoint: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.rename(checkpoint, aside)
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def write_checkpoint(checkpoint: Path, state: dict) -> None:
+    """Write a run's `state` into the folder `checkpoint` atomically: the folder holds the whole new state or the
+    previous one, never a mix (remote.py's chunked runs share this writer and _load_checkpoint)."""
+    # Without the zip's CRC: torch.load never checks it, and it costs about a second per GB, which a stop waits for.
+    # The atomic folder is flushed to disk before it takes the checkpoint's name.
+    crc = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        with cache.atomic_folder(checkpoint) as tmp:
+            torch.save(state, tmp / CHECKPOINT_FILE)
+    finally:
+        torch.serialization.set_crc32_options(crc)
 
 
 def _fingerprint(data: data_mod.UnlearningData, config: UnlearnConfig, n_steps: int, trained) -> str:
