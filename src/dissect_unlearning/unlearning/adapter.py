@@ -92,9 +92,10 @@ def resolve_targets(model, spec: str) -> tuple[str, ...]:
     return tuple(sorted(paths, key=order.index))
 
 
-def init(model, config) -> Adapter:
+def init(model, config, device=None) -> Adapter:
     """A fresh adapter for `model` with the settings of `config` (an UnlearnConfig with params="lora"): A seeded by
-    config.seed, B zero, on the device and in the dtype of the weights they adapt."""
+    config.seed, B zero, in the dtype of the weights they adapt and on their device, or on `device` (a model whose
+    weights are on the meta device, NDIF holding the real ones, needs a real device for its adapter)."""
     arch = models.architecture_of(model)
     targets = resolve_targets(model, config.lora_targets)
     n = models.n_layers(model)
@@ -108,8 +109,9 @@ def init(model, config) -> Adapter:
             w = module.weight
             # drawn on the CPU in float32 whatever the model's device and dtype: the same adapter everywhere
             init_a = (torch.rand(module.in_features, config.lora_rank, generator=generator) * 2 - 1) * bound
-            a[f"{arch.layers}.{i}.{path}"] = init_a.to(device=w.device, dtype=w.dtype)
-            b[f"{arch.layers}.{i}.{path}"] = torch.zeros(config.lora_rank, module.out_features, device=w.device,
+            where = w.device if device is None else device
+            a[f"{arch.layers}.{i}.{path}"] = init_a.to(device=where, dtype=w.dtype)
+            b[f"{arch.layers}.{i}.{path}"] = torch.zeros(config.lora_rank, module.out_features, device=where,
                                                          dtype=w.dtype)
     return Adapter(arch.layers, n, targets, config.lora_rank, float(config.lora_alpha), a, b)
 
