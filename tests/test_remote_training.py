@@ -142,10 +142,11 @@ def test_a_chunked_remote_run_ends_with_the_adapter_and_curve_of_the_local_train
     assert not any(t.requires_grad for _, t in remote.adapter.named_parameters())
 
 
-def test_the_reference_log_probs_come_from_a_request_for_exactly_the_visited_examples(tmp_path):
+def test_the_reference_log_probs_come_from_a_request_for_exactly_the_visited_examples(tmp_path, requests):
     model, tok = make_tiny_llama()
     cfg, data = run_data(tok, "dpo", steps=1, batch_size=2)
     rt.train_remote(model, tok, data, cfg, remote="local", checkpoint=tmp_path / "ck", progress=False)
+    assert requests.calls == 2  # the reference passes, then the step
     saved = torch.load(tmp_path / "ck" / trainer.CHECKPOINT_FILE, weights_only=True)
     visited = set(trainer.schedule(len(data.forget), 1, 2, cfg.seed)[0])
     assert len(data.forget) > len(visited)  # some examples are never visited: their values must stay NaN
@@ -159,22 +160,27 @@ def test_the_reference_log_probs_come_from_a_request_for_exactly_the_visited_exa
 # ------------------------------------------------------------------------------------------------------ NDIF's rules
 @pytest.fixture
 def package_hidden(monkeypatch):
-    """The simulated server runs each request with dissect_unlearning unimportable and not shipped by value, as
-    NDIF would (only whitelisted modules); the list it yields records any function of the package that runs while
-    a request executes (it must stay empty)."""
+    """A stricter simulated NDIF than nnsight's own: the request is pickled on the client with the package
+    importable (as on a user's machine, so a function of ours would travel by reference), then deserialized and run
+    *as deserialized* (nnsight's simulation runs the client's own objects) with dissect_unlearning unimportable, and
+    the saved values pushed back. The list it yields records any function of the package that runs meanwhile."""
+    import linecache
     import sys
     import threading
 
     import cloudpickle.cloudpickle as cp
     import nnsight.ndif
     from nnsight.intervention.backends.local import LocalSimulationBackend
+    from nnsight.schema.request import RequestModel
+    from nnsight.tracing import tracer as tracing
+    from nnsight.tracing.util import push
 
     import dissect_unlearning
     from test_adapter import _package_code_objects
 
     root = dissect_unlearning.__name__
     codes = _package_code_objects(root)
-    monkeypatch.setattr(nnsight.ndif, "_PULLED_ENV", True)
+    monkeypatch.setattr(nnsight.ndif, "_PULLED_ENV", True)  # nothing of the package is shipped by value
     monkeypatch.setattr(cp, "_PICKLE_BY_VALUE_MODULES", {m for m in cp._PICKLE_BY_VALUE_MODULES
                                                          if m.split(".")[0] != root})
 
@@ -185,28 +191,37 @@ def package_hidden(monkeypatch):
             return None
 
     ran = []
-    real = LocalSimulationBackend.__call__
 
-    def hidden(self, tracer):
-        saved = {n: sys.modules.pop(n) for n in list(sys.modules) if n.split(".")[0] == root}
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code in codes:
+            ran.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+
+    def as_a_server(self, tracer):
+        blob = RequestModel.serialize(tracer)
+        filename = tracer.info.frame.f_code.co_filename
+        source_line = linecache.cache.get(filename)
+        modules = {n: sys.modules.pop(n) for n in list(sys.modules) if n.split(".")[0] == root}
         blocker = Unimportable()
         sys.meta_path.insert(0, blocker)
-
-        def profile(frame, event, arg):
-            if event == "call" and frame.f_code in codes:
-                ran.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
-
         sys.setprofile(profile)
         threading.setprofile(profile)
         try:
-            return real(self, tracer)
+            restored = RequestModel.deserialize(blob, self.model._remoteable_persistent_objects())
+            restored.execute(restored.info.code)  # the session body, against the deserialized values
+            saves = tracing._saves()
+            found = {k: v for k, v in restored.info.frame.f_locals.items() if id(v) in saves}
         finally:
             sys.setprofile(None)
             threading.setprofile(None)
             sys.meta_path.remove(blocker)
-            sys.modules.update(saved)
+            sys.modules.update(modules)
+            if source_line is not None:
+                linecache.cache[filename] = source_line
+            else:
+                linecache.cache.pop(filename, None)
+        push(tracer.info.frame, found)
 
-    monkeypatch.setattr(LocalSimulationBackend, "__call__", hidden)
+    monkeypatch.setattr(LocalSimulationBackend, "__call__", as_a_server)
     return ran
 
 

@@ -22,11 +22,12 @@ importable, and a reference to any function of ours fails there ("Module X is no
 resolved beforehand into flat lists of envoys, tensors, numbers and strings, and the session bodies use only
 builtins and torch. That includes the losses: each method's loss (methods.REGISTRY, one module per loss) is written
 out a second time, inline, in `_chunk`'s body, and REMOTE_METHODS lists the methods that have that form; the tests
-check each against the method's own loss function, gradient for gradient. (nnsight 0.8.1 pickles a function it
-cannot import by name by value, as its source, so a torch-only lambda might run on NDIF; but a function of this
-package is pickled by reference wherever the package is imported, and whatever module of ours its globals reach is
-refused by NDIF's deserializer; nor can the simulated server tell: it hides the package only after the client has
-pickled the request. The inline form needs none of that.)
+check each against the method's own loss function, gradient for gradient. What nnsight 0.8.1 allows, tried on a
+simulated server stricter than its own (tests/test_remote_training.py: pickled with the package importable, run as
+deserialized with it unimportable): a module-level function of this package travels by reference and fails to
+deserialize, as on NDIF; a lambda travels by value (its source), and runs if everything its globals reach is torch
+or builtins. The loss functions are module-level and call prompts.token_logprobs, so they cannot travel; torch-only
+lambdas would be the same second copy of the losses, in a form NDIF's own deserializer was never tried with here.
 
 Where a remote run differs from trainer.train by construction:
   - the model runs as it is hosted: in eval mode (trainer.train uses train mode; the same for a model without
