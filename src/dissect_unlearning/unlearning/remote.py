@@ -35,7 +35,9 @@ Where a remote run differs from trainer.train by construction:
   - A, B and AdamW's moments stay where the request's tensors arrive (the server's CPU) and each pass moves A and B
     to its activations' device and dtype: no hosted weight is read to find out where a module lives (a model split
     over several GPUs needs nothing more), and the adapter keeps its own dtype under NDIF's bfloat16;
-  - no gradient checkpointing and no LM head in pieces (prompts.token_logprobs): memory is the server's;
+  - no gradient checkpointing and no LM head in pieces (prompts.token_logprobs): memory is the server's, and with
+    remote="local" the server is this machine (about 3 GB more than trainer.train for the default model's
+    batch: recomputing activations would rerun the request's interventions in the backward pass);
   - a loss row's `seconds` is the run's wall time when its request came back (a request reports no timing per step).
 A request is one job: if it fails (a lost connection, NDIF's job time limit, a server restart) its steps are lost
 and the run, started again with the same checkpoint folder, resumes after the last request that came back.
