@@ -128,6 +128,22 @@ def test_stop_tokens_and_budgets_cut_as_greedy_generate_does(tiny, with_adapter)
     assert got == expected
 
 
+def test_an_adapter_kept_in_float32_runs_on_a_bfloat16_model(tiny):
+    """NDIF runs its models in bfloat16 on its GPUs, and an adapter made for a model with no weights here stays on
+    the CPU in float32 (adapter.init): the request moves each term to its activations' dtype and device."""
+    model, tok, a, _, ps = tiny
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    lm = patching.wrap(half, tok)
+    cast = copy.deepcopy(a)
+    for name in cast.names():
+        cast.a[name], cast.b[name] = cast.a[name].bfloat16(), cast.b[name].bfloat16()
+    got = generation.greedy_generate(lm, ps, 5, set(), tok.pad_token_id, batch_size=3, adapter=a, remote="local")
+    assert a.a[a.names()[0]].dtype == torch.float32
+    assert got == generation.greedy_generate(lm, ps, 5, set(), tok.pad_token_id, batch_size=3, adapter=cast,
+                                             remote="local")
+    assert got != generation.greedy_generate(lm, ps, 5, set(), tok.pad_token_id, batch_size=3, remote="local")
+
+
 def test_all_batches_go_in_one_request(tiny, monkeypatch):
     from nnsight.intervention.backends.local import LocalSimulationBackend
 
