@@ -4,8 +4,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
-import dissect_unlearning  # noqa: F401 - first, so that its OpenMP wait policy is set before torch loads
 import torch
 
 WORDS = ("the a of is what who where when which capital city country france paris austria vienna harry potter "
