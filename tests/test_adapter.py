@@ -1,6 +1,8 @@
 """Adapter unlearning (params="lora"): settings, training, storage, and the adapter applied inside nnsight traces."""
 from __future__ import annotations
 
+import contextlib
+
 import copy
 
 import pytest
@@ -249,6 +251,26 @@ def test_a_run_is_one_session_and_only_the_per_question_scores_come_back(monkeyp
 def test_the_trace_bodies_need_no_code_of_the_package(monkeypatch):
     """The simulated server runs the request with dissect_unlearning unimportable and not shipped by value, and no
     function of the package may run while it executes (NDIF runs whitelisted modules only)."""
+    model, tok = make_tiny_llama()
+    a = random_adapter(model)
+    p, ans = qa(tok, n=2)
+    with package_hidden_from_the_server(monkeypatch) as ran:
+        table = patching.run(model, a, tok, p, ans, experiments=OWN, window=3, remote="local")
+    assert ran == [] and table.krs.notna().all()
+    # and the watch works: a request whose body calls a function of the package fails on the simulated server
+    from dissect_unlearning import models
+
+    lm = patching.wrap(model, tok)
+    with pytest.raises(Exception, match="dissect_unlearning"):
+        with torch.no_grad(), lm.trace(torch.tensor([[5, 6, 7]]), remote="local"):
+            models.n_layers(model)
+            lm.output.logits.save()
+
+
+@contextlib.contextmanager
+def package_hidden_from_the_server(monkeypatch):
+    """Inside the block, nnsight's simulated server runs requests with dissect_unlearning unimportable and not
+    shipped by value; yields the list of the package's functions that ran while it executed a request."""
     import sys
     import threading
 
@@ -258,12 +280,8 @@ def test_the_trace_bodies_need_no_code_of_the_package(monkeypatch):
 
     import dissect_unlearning
 
-    model, tok = make_tiny_llama()
-    a = random_adapter(model)
-    p, ans = qa(tok, n=2)
     root = dissect_unlearning.__name__
     codes = _package_code_objects(root)
-    # nothing of the package is shipped by value: a reference to it in a body would fail to deserialize
     monkeypatch.setattr(nnsight.ndif, "_PULLED_ENV", True)
     monkeypatch.setattr(cp, "_PICKLE_BY_VALUE_MODULES", {m for m in cp._PICKLE_BY_VALUE_MODULES
                                                          if m.split(".")[0] != root})
@@ -297,16 +315,7 @@ def test_the_trace_bodies_need_no_code_of_the_package(monkeypatch):
             sys.modules.update(saved)
 
     monkeypatch.setattr(LocalSimulationBackend, "__call__", hidden)
-    table = patching.run(model, a, tok, p, ans, experiments=OWN, window=3, remote="local")
-    assert ran == [] and table.krs.notna().all()
-    # and the watch works: a request whose body calls a function of the package fails on the simulated server
-    from dissect_unlearning import models
-
-    lm = patching.wrap(model, tok)
-    with pytest.raises(Exception, match="dissect_unlearning"):
-        with torch.no_grad(), lm.trace(torch.tensor([[5, 6, 7]]), remote="local"):
-            models.n_layers(model)
-            lm.output.logits.save()
+    yield ran
 
 
 def _package_code_objects(root: str) -> set:

@@ -3,7 +3,6 @@
 simulation of an NDIF request."""
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from conftest import make_tiny_llama
 from dissect_unlearning import generation, models, patching, prompts
 from dissect_unlearning.unlearning import UnlearnConfig, adapter as adapter_mod
-from test_adapter import _package_code_objects, random_adapter
+from test_adapter import package_hidden_from_the_server, random_adapter
 
 BUDGETS = [6, 3, 8, 1, 5, 8, 4]
 
@@ -159,57 +158,6 @@ def test_all_batches_go_in_one_request(tiny, monkeypatch):
     got = generation.greedy_generate(patching.wrap(model, tok), ps, 4, set(), tok.pad_token_id, batch_size=2,
                                      adapter=a, remote="local")
     assert len(calls) == 1 and len(got) == len(ps) == 7  # 4 batches, one request
-
-
-@contextlib.contextmanager
-def package_hidden_from_the_server(monkeypatch):
-    """Inside the block, nnsight's simulated server runs requests with dissect_unlearning unimportable and not
-    shipped by value; yields the list of the package's functions that ran while it executed a request."""
-    import sys
-    import threading
-
-    import cloudpickle.cloudpickle as cp
-    import nnsight.ndif
-    from nnsight.intervention.backends.local import LocalSimulationBackend
-
-    import dissect_unlearning
-
-    root = dissect_unlearning.__name__
-    codes = _package_code_objects(root)
-    monkeypatch.setattr(nnsight.ndif, "_PULLED_ENV", True)
-    monkeypatch.setattr(cp, "_PICKLE_BY_VALUE_MODULES", {m for m in cp._PICKLE_BY_VALUE_MODULES
-                                                         if m.split(".")[0] != root})
-
-    class Unimportable:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == root:
-                raise ImportError(f"{name} is not installed on the simulated server")
-            return None
-
-    ran = []
-    real = LocalSimulationBackend.__call__
-
-    def hidden(self, tracer):
-        saved = {n: sys.modules.pop(n) for n in list(sys.modules) if n.split(".")[0] == root}
-        blocker = Unimportable()
-        sys.meta_path.insert(0, blocker)
-
-        def profile(frame, event, arg):
-            if event == "call" and frame.f_code in codes:
-                ran.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
-
-        sys.setprofile(profile)
-        threading.setprofile(profile)
-        try:
-            return real(self, tracer)
-        finally:
-            sys.setprofile(None)
-            threading.setprofile(None)
-            sys.meta_path.remove(blocker)
-            sys.modules.update(saved)
-
-    monkeypatch.setattr(LocalSimulationBackend, "__call__", hidden)
-    yield ran
 
 
 def test_the_request_needs_no_code_of_the_package(tiny, monkeypatch):
