@@ -207,8 +207,9 @@ def krs_gap(a, b):
     return {c: float((a[c] - b[c]).abs().max()) for c in cols}
 
 
-# Every experiment that patches a question's own activations (the other-question control runs on merged weights)
+# Every experiment that patches a question's own activations; ALL adds the other-question control (coef_other)
 OWN = [name for name, e in patching.EXPERIMENTS.items() if e.source == "same"]
+ALL = list(patching.EXPERIMENTS)
 
 
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
@@ -219,7 +220,7 @@ def test_the_adapter_in_the_trace_gives_the_krs_of_the_merged_weights(direction)
     a = random_adapter(model)
     merged = adapter_mod.merge(copy.deepcopy(model), a).eval()
     p, ans = qa(tok, n=3)
-    kw = dict(experiments=OWN, window=3, direction=direction)
+    kw = dict(experiments=ALL, window=3, direction=direction)
     local = patching.run(model, merged, tok, p, ans, layout="padded", **kw)
     simulated = patching.run(model, a, tok, p, ans, remote="local", **kw)
     gap = krs_gap(local, simulated)
@@ -255,7 +256,7 @@ def test_the_trace_bodies_need_no_code_of_the_package(monkeypatch):
     a = random_adapter(model)
     p, ans = qa(tok, n=2)
     with package_hidden_from_the_server(monkeypatch) as ran:
-        table = patching.run(model, a, tok, p, ans, experiments=OWN, window=3, remote="local")
+        table = patching.run(model, a, tok, p, ans, experiments=ALL, window=3, remote="local")
     assert ran == [] and table.krs.notna().all()
     # and the watch works: a request whose body calls a function of the package fails on the simulated server
     from dissect_unlearning import models
@@ -412,7 +413,7 @@ def test_preflight_names_every_problem_in_one_message_before_any_work(hosted, mo
     no_key(monkeypatch)
     service = fake(monkeypatch, running=False, remote_nnsight="0.0.1")
     monkeypatch.setattr(patching.engine, "wrap", lambda *a: pytest.fail("work started"))
-    monkeypatch.setattr(adapted, "wrap", lambda *a: pytest.fail("work started"))
+    monkeypatch.setattr(adapted, "as_lm", lambda *a: pytest.fail("work started"))
     p, ans = qa(tok, n=1)
     with pytest.raises(patching.RemoteUnavailableError) as err:
         patching.run(model, random_adapter(model), tok, p, ans, ["coef"], remote=True)
@@ -520,3 +521,35 @@ def models_arch(model):
     from dissect_unlearning import models
 
     return models.architecture_of(model)
+
+
+def hosted_copy(model, tok, tmp_path):
+    """(nnsight model, tokenizer) of `model` as remote=True sees a hosted one: built on the meta device from a
+    folder (models.remote_model), no weights here until nnsight's simulation of the request loads them."""
+    from dissect_unlearning import models
+
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    lm, _ = models.remote_model(str(tmp_path / "tiny"))
+    assert next(models.torch_module(lm).parameters()).device.type == "meta"
+    return lm
+
+
+def test_a_model_with_no_weights_here_gives_the_numbers_of_the_loaded_one(tmp_path):
+    """The remote=True setting: the vanilla model is an nnsight model on the meta device (its weights are NDIF's),
+    the inputs stay on the CPU to travel with the request, and the weights' norms of the change measure are read
+    inside the request. nnsight's simulation loads the folder's weights for it."""
+    from dissect_unlearning.patching import change as change_mod
+
+    model, tok = make_tiny_llama()
+    a = random_adapter(model)
+    p, ans = qa(tok, n=3)
+    lm = hosted_copy(model, tok, tmp_path)
+    here = patching.run(model, a, tok, p, ans, experiments=ALL, window=3, remote="local")
+    there = patching.run(lm, a, tok, p, ans, experiments=ALL, window=3, remote="local")
+    assert krs_gap(here, there)["krs"] < 1e-6
+    here = change_mod.change(model, a, tok, p, ans, remote="local")
+    there = change_mod.change(lm, a, tok, p, ans, remote="local")
+    assert float((here.norm_vanilla - there.norm_vanilla).abs().max()) < 1e-6
+    assert float((here.rel_change - there.rel_change).abs().max()) < 1e-6
+    assert here.norm_vanilla.gt(0).all()

@@ -259,8 +259,20 @@ def test_remote_without_a_key_fails_when_the_study_is_built(monkeypatch):
 
     monkeypatch.delenv("NDIF_API_KEY", raising=False)
     monkeypatch.setattr(CONFIG.API, "APIKEY", None)
+    monkeypatch.setattr(patching.remote, "preflight", lambda model: None)  # as if NDIF ran it
+    study = Study.from_params({"remote": True, "model": "org/some-model"})
     with pytest.raises(patching.RemoteLocalModelError, match="vanilla model with itself"):
-        Study.from_params({"remote": True})  # refused before the key is even looked for
+        study.sweeps(["coef"])  # weights unlearned here: refused before any work
+    with pytest.raises(patching.RemoteLocalModelError, match="needs adapter unlearning"):
+        study.behaviour()
+    monkeypatch.undo()
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    monkeypatch.setattr(CONFIG.API, "APIKEY", None)
+    with pytest.raises(ValueError, match="model: remote=True needs the vanilla model under the hub id"):
+        Study.from_params({"remote": True, "unlearning": {"params": "lora"}})  # a registry model lives here only
+    with pytest.raises(patching.RemoteUnavailableError, match="no NDIF API key") as error:
+        Study.from_params({"remote": True, "unlearning": {"params": "lora"}, "model": "org/some-model"})
+    assert "org/some-model" in str(error.value)  # one message: the key, and whether NDIF runs it (no network here)
     assert Study.from_params({"remote": "local"}).params["remote"] == "local"
     with pytest.raises(ValueError, match="remote must be False, True"):
         Study.from_params({"remote": "ndif"})

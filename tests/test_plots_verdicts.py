@@ -631,3 +631,19 @@ def test_relearning_curves_put_the_never_known_control_beside_partial():
     assert "scored questions: ROUGE-L" in both
     alone = json.dumps(plots.relearning_curves(target, control=control.iloc[0:0]).to_dict())
     assert plots.RELEARN_DATA_LABELS["never_known"] not in alone and "target questions: ROUGE-L" in alone
+
+
+def test_full_vs_adapter_compares_the_same_pair_one_line_per_kind_and_experiment():
+    full = sweep_table(coef_peak="last")
+    adapter = sweep_table(methods=("grad_diff",), concepts=("A",), coef_peak="first")
+    spec = plots.krs_full_vs_adapter(full, adapter).to_dict()
+    rows = next(iter(spec["datasets"].values()))
+    stats = pd.DataFrame(rows)
+    # the full table narrowed to the adapter's pair (A, grad_diff): one pair behind each mean, both kinds present
+    assert set(stats.tuning) == {"full fine-tuning", "adapter"} and set(stats.pairs) == {1}
+    assert set(stats.experiment) == set(full.experiment)
+    coef = stats[stats.experiment == "coef"].pivot_table(index="center_layer", columns="tuning", values="mean")
+    assert coef["full fine-tuning"].idxmax() == coef.index.max() and coef["adapter"].idxmax() == 1  # its peaks
+    assert (stats.lo <= stats["mean"]).all() and (stats["mean"] <= stats.hi).all()
+    with pytest.raises(ValueError, match="none of the adapter's"):
+        plots.krs_full_vs_adapter(full, adapter.assign(concept="Z"))

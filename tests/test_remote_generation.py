@@ -298,3 +298,24 @@ def test_on_the_default_model_the_answers_are_greedy_generates_and_the_merged_mo
     # no greedy choice in what was measured (42 shipped questions x 30 tokens, three such adapters, one of them at
     # full size: 0 answers of 126 differed, 3,329 tokens). A flip would show as a near-tie, never as a pattern.
     assert generation.greedy_generate(lm, ps, 16, stop, pad, adapter=a, remote="local", **kw) == unlearned
+
+
+# ------------------------------------------------------------------------------------------- the behaviour stage
+def test_a_hosted_model_scores_perplexity_and_answers_as_the_loaded_one(tiny, monkeypatch):
+    """generation.Hosted stands in for a loaded model in the behaviour stage: metrics.perplexity (every batch's summed
+    NLL in one request) and prompts.generate_answers give the loaded model's numbers without an adapter and the
+    merged model's with one, with the package hidden from the simulated server."""
+    from dissect_unlearning import metrics
+
+    model, tok, a, merged, _ = tiny
+    lm = patching.wrap(model, tok)
+    texts = ["w1 w2 w3 w4 w5 w6 w7 w8 w9", "w3 w5 w7 w2", "w9 w8 w7 w6 w5 w4 w3 w2 w1 w2 w3"]
+    for hosted, loaded in ((generation.Hosted(lm, None, "local"), model),
+                           (generation.Hosted(lm, a, "local"), merged)):
+        with package_hidden_from_the_server(monkeypatch) as ran:
+            got = metrics.perplexity(hosted, tok, texts, chunk_tokens=4, batch_size=2)
+        want = metrics.perplexity(loaded, tok, texts, chunk_tokens=4, batch_size=2)
+        assert ran == [] and got[1] == want[1] > 0
+        assert abs(got[0] - want[0]) < 1e-4 * want[0], (got, want)
+    with pytest.raises(ValueError, match="remote must be"):
+        generation.Hosted(lm, None, "ndif")

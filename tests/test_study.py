@@ -134,7 +134,7 @@ def write_fixture() -> None:
         cols = [c for c in df.columns if c not in UNCOMPARED]
         out[name] = {"columns": cols, "rows": [[_plain(v) for v in row] for row in df[cols].itertuples(index=False)]}
     FIXTURE.write_text(json.dumps(out, separators=(",", ":")) + "\n")
-    sizes = ", ".join(f"{k} {len(v['rows'])} rows" for k, v in out.items())
+    sizes = ", ".join(f"{k} {len(v['rows'])} rows" for k, v in out.items() if k != MACHINE)
     print(f"wrote {FIXTURE}: {sizes}")
 
 
@@ -155,6 +155,10 @@ def test_smoke_chapter_tables_equal_the_fixture_within_1e_6():
     tol = 1e-6 if same_cpu else OTHER_CPU_TOLERANCE
     tables = smoke_tables()
     assert set(tables) == set(expected)
+    # chapter 4 of the smoke profile runs the remote path (nnsight's simulation of NDIF) on an adapter
+    for name in ("ch4_sweep", "ch4_other_question"):
+        assert set(tables[name]["remote"]) == {"local"}
+        assert all('"params":"lora"' in i for i in tables[name]["unlearned_identity"]), name
     digest = hashlib.sha256()
     for name, want in expected.items():
         got = tables[name]
@@ -170,6 +174,31 @@ def test_smoke_chapter_tables_equal_the_fixture_within_1e_6():
     how = "within 1e-6 (the fixture's CPU kind)" if same_cpu else \
         f"within {OTHER_CPU_TOLERANCE:g} relative (fixture written on {written_on}, this is {machine()})"
     print(f"smoke chapter tables: {len(tables)} tables equal the fixture {how}; sha256 {digest.hexdigest()[:16]}")
+
+
+@pytest.mark.book
+def test_the_remote_path_of_a_study_gives_the_numbers_of_the_local_one():
+    """Smoke chapter 4 as it runs (remote="local": answers, adapter training, sweeps all as nnsight requests) against
+    the same study run here (remote=False: the adapter trained by trainer.train, merged, the local engine)."""
+    params = smoke_params("patching")
+    assert params["remote"] == "local" and params["unlearning"]["params"] == "lora"
+    simulated = Study.from_params(params, progress=False)
+    local = Study.from_params({**params, "remote": False}, progress=False)
+    trio = ["coef", "attn", "coef+attn", "coef_other"]
+    a, b = simulated.sweeps(trio), local.sweeps(trio)
+    assert len(a) == len(b) > 0 and set(a.remote) == {"local"} and set(b.remote) == {"False"}
+    assert (a[["experiment", "center_layer", "question_index"]].values ==
+            b[["experiment", "center_layer", "question_index"]].values).all()
+    # Two smoke steps change the model little, so each loss is small and KRS a ratio of small numbers: the adapter
+    # added to W x and the adapter merged into W round differently by ~1e-4 of a loss, hence relative tolerances here
+    # (tests/test_adapter.py holds the engines to 1e-4 in KRS on an adapter that changes the model a lot)
+    for col in ("loss_patched", "loss_unpatched"):
+        assert np.allclose(a[col], b[col], rtol=1e-3, atol=0), col
+    ordinary = b.krs.abs() < 10
+    assert ordinary.sum() >= 6 and float((a.krs - b.krs)[ordinary].abs().max()) < 1e-3
+    assert float(a.loss_unpatched.abs().min()) > 0  # the adapter changed the model: not a comparison of zeros
+    ta, tb = simulated.training(), local.training()
+    assert float((ta.loss - tb.loss).abs().max()) < 1e-5
 
 
 LESSON = "lesson"  # the mechanics chapter's cells whose nnsight code is what the chapter teaches: shown, and counted apart

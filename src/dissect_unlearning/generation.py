@@ -125,3 +125,51 @@ def _session(lm, jobs: list[tuple[dict, dict]], terms: list[tuple], remote) -> l
                     with tracer.invoke():  # the whole batch's ids, once the decoding has ended
                         results.append(tracer.result)
     return [r.cpu() for r in results]
+
+
+class Hosted:
+    """A model that runs only inside nnsight requests, as the stages that generate and score text see it.
+
+    lm: an nnsight model (patching.wrap of a model loaded here, or models.remote_model of one NDIF hosts); adapter:
+    None (the vanilla model) or an unlearning.adapter.Adapter, applied inside every request (the unlearned model of
+    the adapter path); remote: True (NDIF), "local" (nnsight's offline simulation) or False.
+
+    prompts.greedy_generate (hence prompts.generate_answers and metrics.greedy_continuations) and metrics.perplexity
+    accept it in place of a loaded model: the same batches, generate() options and sums, computed in one request
+    per call, so a behaviour table of the adapter path is computed as the local one is."""
+
+    def __init__(self, lm, adapter=None, remote="local"):
+        if remote not in REMOTE_CHOICES:
+            raise ValueError(f"remote must be True, 'local' or False, got {remote!r}")
+        _terms(lm, adapter)  # an adapter of another shape fails here, not inside a request
+        self.lm, self.adapter, self.remote = lm, adapter, remote
+
+    @property
+    def generation_config(self):  # prompts.eos_ids reads the stop tokens from it
+        return getattr(models.torch_module(self.lm), "generation_config", None)
+
+    def greedy(self, prompts: list[list[int]], max_new_tokens, stop: set[int], pad_token: int, batch_size: int = 16,
+               by_length: bool = False) -> list[list[int]]:
+        return greedy_generate(self.lm, prompts, max_new_tokens, stop, pad_token, batch_size, by_length,
+                               adapter=self.adapter, remote=self.remote)
+
+    def nll_sums(self, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[float]:
+        """For each teacher-forced batch (input_ids, attention_mask, labels with prompts.IGNORE where unscored): the
+        summed negative log-likelihood of its labels, as prompts.token_logprobs(reduction="sum") computes it (float32
+        cross-entropy summed inside cross_entropy), all batches in one request."""
+        # Plain names in the body (not self: the request would carry this class, which NDIF cannot import)
+        lm, remote, terms = self.lm, self.remote, _terms(self.lm, self.adapter)
+        ignore = prompts_mod.IGNORE
+        with torch.no_grad(), lm.session(remote=remote):
+            sums = list().save()
+            for ids, mask, labels in batches:
+                with lm.trace(input_ids=ids, attention_mask=mask):
+                    for module, a, b in terms:
+                        x = module.input
+                        module.output = module.output + (x @ a.to(x)) @ b.to(x)
+                    logits = lm.output.logits[:, :-1].float()
+                    target = labels[:, 1:].to(logits.device)
+                    flat = logits.reshape(-1, logits.shape[-1])
+                    sums.append(torch.nn.functional.cross_entropy(flat, target.reshape(-1), ignore_index=ignore,
+                                                                  reduction="sum"))
+        return [float(s) for s in sums]

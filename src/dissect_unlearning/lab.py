@@ -29,6 +29,10 @@ def study(params: Mapping, **overrides) -> Study:
     """The chapter's study: its parameters, narrowed to the first concept of `concepts` and the first method of
     `methods` (one unlearned model). A `question` among the parameters is checked against the questions that model
     may be scored on, so that a run with too large a number fails before anything is computed."""
+    if {**params, **overrides}.get("remote") is True:
+        raise ValueError("remote: this chapter loads the vanilla and the unlearned model here, to show each step of "
+                         "a patch by hand, so it cannot run on NDIF; use remote=False, or 'local' (nnsight's offline "
+                         "simulation)")
     full = Study.from_params(params, **overrides)
     s = Study.from_params(params, **{**overrides, "concepts": full.concepts[:1], "methods": full.methods[:1]})
     question = {**params, **overrides}.get("question")

@@ -70,20 +70,27 @@ def completion_rouge(model, tok, items: list[dict], max_new_tokens: int = 48, ba
 @torch.no_grad()
 def perplexity(model, tok, texts: list[str], max_tokens: int = 512, chunk_tokens: int = 256, batch_size: int = 4
                ) -> tuple[float, int]:
-    """(perplexity, tokens scored) of the first `max_tokens` tokens of each text, scored in chunks."""
+    """(perplexity, tokens scored) of the first `max_tokens` tokens of each text, scored in chunks. `model` may be a
+    generation.Hosted (a model of nnsight requests, with or without an adapter)."""
     chunks = []
     for t in texts:
         ids = tok(t, add_special_tokens=False)["input_ids"][:max_tokens]
         chunks += [ids[i:i + chunk_tokens] for i in range(0, len(ids), chunk_tokens) if len(ids[i:i + chunk_tokens]) > 1]
     if not chunks:
         return math.nan, 0
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
+    from .generation import Hosted
+
+    batches = []
     for s in range(0, len(chunks), batch_size):
         # Right padding: positions are the plain 0..n-1, as for the unpadded chunk.
         ids, mask = prompts.pad(chunks[s:s + batch_size], prompts.pad_id(tok), "right")
-        ids, mask = ids.to(device), mask.to(device)
-        labels = ids.masked_fill(mask == 0, prompts.IGNORE)
-        total -= prompts.token_logprobs(model, ids, mask, labels, reduction="sum").item()
-        count += int((labels[:, 1:] != prompts.IGNORE).sum())
+        batches.append((ids, mask, ids.masked_fill(mask == 0, prompts.IGNORE)))
+    count = sum(int((labels[:, 1:] != prompts.IGNORE).sum()) for _, _, labels in batches)
+    if isinstance(model, Hosted):  # the adapter path: every batch's sum in one nnsight request
+        return math.exp(sum(model.nll_sums(batches)) / count), count
+    device = next(model.parameters()).device
+    total = 0.0
+    for ids, mask, labels in batches:
+        total -= prompts.token_logprobs(model, ids.to(device), mask.to(device), labels.to(device),
+                                        reduction="sum").item()
     return math.exp(total / count), count

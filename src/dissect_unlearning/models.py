@@ -520,6 +520,7 @@ def remote_model(name_or_path: str):
                 "cache)" if kind == "hub" else "the checkpoint folder is unreadable or incomplete")
         raise ModelError(f"cannot build model {name_or_path!r} from {where}: {hint}. Cause: {exc}") from exc
     architecture_of(lm)  # fail early on an unsupported family
+    torch_module(lm).eval()  # as NDIF runs it (nnsight builds the meta tree in training mode)
     return lm, tok
 
 

@@ -25,11 +25,14 @@ def load_concepts(source="builtin", select=None) -> concepts_mod.ConceptSet:
 
 def answers(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None, prompt_format: str = "auto",
             max_new_tokens: int = 30, batch_size: int = 16, include_unrelated: bool = True, progress: bool = True,
-            loaded=None) -> pd.DataFrame:
+            loaded=None, remote=False) -> pd.DataFrame:
     """The vanilla model's greedy answers to every question of the selected concepts (cached).
 
     One row per (concept, kind, question): kind 'target' for the concept's own questions, 'unrelated' for its
     unrelated questions. `loaded` = an already loaded (model, tokenizer) of `model`, to skip a reload.
+    remote: False (generated here), True (generated on NDIF, in one request: nothing is loaded here) or "local"
+    (nnsight's offline simulation of that request). Each place keeps its own cache entry: NDIF's hardware and dtype
+    give answers of their own, and every stage of a remote study reads these.
     Columns: see ANSWER_COLUMNS; `prompt_ids` / `answer_ids` are the exact token spans.
     """
     validate.check_int(max_new_tokens, "max_new_tokens", 1)
@@ -46,9 +49,11 @@ def answers(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None, 
         "generation": {"max_new_tokens": max_new_tokens, "greedy": True, "batch_size": batch_size},
         "include_unrelated": include_unrelated,
     }
+    if remote:
+        inputs["generated"] = _PLACE[remote]
 
     def build(folder: Path) -> None:
-        m, t = loaded if loaded else models.load(model)
+        m, t = (hosted(model, remote)[0], tok) if remote else loaded if loaded else models.load(model)
         rows = []
         for c in cset:
             for i, q in enumerate(c.questions):
@@ -77,14 +82,40 @@ def answers(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None, 
     return pd.read_parquet(folder / "answers.parquet")
 
 
+# Where a remote stage ran, as its cache entries record it (remote=False adds nothing: the entries of before).
+_PLACE = {True: "ndif", "local": "nnsight-simulation"}
+
+
+def hosted(model: str, remote, adapter=None):
+    """(generation.Hosted, torch module) of `model` for a stage that runs in nnsight requests: remote=True on NDIF
+    (preflight first; the model is built on the meta device, nothing loaded here), remote="local" in nnsight's
+    offline simulation (the model loaded here, as NDIF would run it). adapter: None for the vanilla model, an
+    unlearning.adapter.Adapter for the unlearned one."""
+    from . import patching
+    from .generation import Hosted
+
+    if remote is True:
+        patching.remote.preflight(model)
+        lm, _ = models.remote_model(model)
+    elif remote == "local":
+        m, tok = models.load(model)
+        lm = patching.wrap(m, tok)
+    else:
+        raise ValueError(f"hosted: remote must be True or 'local', got {remote!r}")
+    return Hosted(lm, adapter, remote), models.torch_module(lm)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Unlearned models
 # --------------------------------------------------------------------------------------------------------------------
 def unlearned(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: str | int = 0, method: str = "grad_diff",
-              progress: bool = True, **settings):
+              progress: bool = True, remote=False, **settings):
     """The model `model` with `concept` unlearned by `method` (cached; trained on first use).
 
-    `settings` override the method's defaults (see unlearning.UnlearnConfig). Returns an `Unlearned` handle:
+    `settings` override the method's defaults (see unlearning.UnlearnConfig). remote: False (trained here), True (an
+    adapter, params="lora", trained in NDIF requests: unlearning/remote.py) or "local" (the same requests in nnsight's
+    offline simulation); a remote run is an entry of its own, and reads the vanilla answers generated there too.
+    Returns an `Unlearned` handle:
     .load() -> (model, tokenizer), .label, .method, .concept, .settings, .loss_curve, .folder, .identity(),
     .size_bytes, .train_seconds. Two processes asking for the same model train it once (a lock); an interrupted run
     leaves no entry.
@@ -99,6 +130,10 @@ def unlearned(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: st
                          f"unlearn (concepts.never_known)")
     config = UnlearnConfig.for_method(method, **settings)
     config = config.replace(prompt_format=prompts.resolve_format(config.prompt_format, models.load_tokenizer(model)))
+    if remote:
+        from .unlearning import remote as remote_training
+
+        remote_training.check_settings(config, remote, remote_training.CHUNK_STEPS)
     retain = unlearning_data.choose_retain(cset, target, config.seed, config.retain_concept)
     inputs = {
         "model": models.identity(model),
@@ -107,6 +142,8 @@ def unlearned(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: st
         "method": config.method,
         "settings": config.to_dict(),
     }
+    if remote:
+        inputs["trained"] = _PLACE[remote]
     forget = target
     if methods_mod.get(method).text == "unrelated":
         # The control fine-tune: the target's retain data, and in place of the target's own text that of a concept
@@ -127,10 +164,11 @@ def unlearned(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: st
     def build(folder: Path) -> None:
         qa = {}
         if "qa" in config.forget_data.split("+") or config.retain_qa:  # the vanilla answers are the ones trained on
-            qa = vanilla_qa(model, [target, retain], config.prompt_format, config.max_new_tokens, progress)
+            qa = vanilla_qa(model, [target, retain], config.prompt_format, config.max_new_tokens, progress, remote)
         artefact.build(folder, model, forget, retain, config, qa=qa.get(target.label),
                        retain_qa=qa.get(retain.label), identity=inputs, progress=progress,
-                       trained=trained if artefact.keeping() else None)
+                       trained=trained if artefact.keeping() and not remote else None,
+                       hosted=hosted(model, remote)[1] if remote else None, remote=remote)
 
     folder = cache.get_or_build("unlearned", inputs, build)
     if trained:  # just trained here, inside keep_loaded(): the stages after this one start from it
@@ -138,12 +176,12 @@ def unlearned(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: st
     return artefact.Unlearned(folder)
 
 
-def vanilla_qa(model: str, concept_list, prompt_format: str, max_new_tokens: int = 30, progress: bool = False
-               ) -> dict[str, list[tuple[str, list[int], list[int]]]]:
+def vanilla_qa(model: str, concept_list, prompt_format: str, max_new_tokens: int = 30, progress: bool = False,
+               remote=False) -> dict[str, list[tuple[str, list[int], list[int]]]]:
     """{concept label: [(question, prompt_ids, answer_ids)]}: the vanilla answers to each concept's own questions."""
     cset = concepts_mod.ConceptSet(list(concept_list), "")
     df = answers(model, cset, prompt_format=prompt_format, max_new_tokens=max_new_tokens, include_unrelated=False,
-                 progress=progress)
+                 progress=progress, remote=remote)
     out = {}
     for c in cset:
         rows = df[(df.concept == c.label) & (df.kind == "target")].sort_values("question_index")
@@ -157,7 +195,7 @@ BEHAVIOUR_COLUMNS = ["model", "concept", "method", "stage", "split", "metric", "
 
 def behaviour(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None,
               methods=("grad_diff", "dpo", "npo"), prompt_format: str = "auto", settings: dict | None = None,
-              progress: bool = True) -> pd.DataFrame:
+              progress: bool = True, remote=False) -> pd.DataFrame:
     """Behavioural scores of the vanilla and the unlearned models, one row per (concept, method, stage, split, metric).
 
     stage: 'vanilla' | 'unlearned'. split / metrics: 'target' and 'unrelated' questions (BLEU and ROUGE-L of the answer
@@ -165,6 +203,9 @@ def behaviour(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None
     (ROUGE-L of greedy text completions), 'forget_text' and 'heldout_text' (perplexity; held-out = the forget texts of
     two concepts used neither as forget nor as retain). `settings`: overrides for every method, or a dict
     {method: overrides}. Each (concept, method) is cached on its own (kind 'behaviour').
+    remote True / "local": the adapter models of `unlearned(..., remote=remote)`, every answer, continuation and
+    perplexity computed in nnsight requests (on NDIF, or in its offline simulation) with the vanilla model's own
+    weights and the adapter applied there; the same scores, in the same batches.
     """
     from . import metrics
     from .unlearning import UnlearnConfig
@@ -174,10 +215,12 @@ def behaviour(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None
     cset = concepts if isinstance(concepts, concepts_mod.ConceptSet) else load_concepts(concepts)
     chosen = cset.select(select)
     fmt = prompts.resolve_format(prompt_format, models.load_tokenizer(model))
-    van = answers(model, chosen, prompt_format=fmt, progress=progress)
+    van = answers(model, chosen, prompt_format=fmt, progress=progress, remote=remote)
     expected = {q: alts for c in cset if c.answers for q, alts in zip(c.questions, c.answers)}
     common = {"model": models.identity(model), "prompt_format": fmt,
               "expected": cache.key("expected", expected), "max_new_tokens": 30}
+    if remote:
+        common["computed"] = _PLACE[remote]
     vanilla_model: list = []  # loaded on first need
 
     def scores(m, tok, c, heldout, generate: bool, scored: list[int]) -> pd.DataFrame:
@@ -213,18 +256,22 @@ def behaviour(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None
         for method in methods:
             overrides = _method_settings(settings, method)
             overrides.setdefault("prompt_format", fmt)
-            u = unlearned(model, cset, c.label, method, progress=progress, **overrides)
+            u = unlearned(model, cset, c.label, method, progress=progress, remote=remote, **overrides)
             heldout = heldout_concepts(cset, c, cset.get(u.retain_concept))
             scored = scorable(u.config, c)
             place = {"concept": c.content_hash(), "heldout": [h.content_hash() for h in heldout], "questions": scored}
 
             def vanilla_scores(c=c, heldout=heldout, scored=scored):
                 if not vanilla_model:
-                    vanilla_model.append(models.load(model))
+                    vanilla_model.append((hosted(model, remote)[0], models.load_tokenizer(model)) if remote
+                                         else models.load(model))
                 return scores(*vanilla_model[0], c, heldout, generate=False, scored=scored)
 
             def unlearned_scores(u=u, c=c, heldout=heldout, scored=scored):
-                m, tok = u.load(shared=True)  # generation and perplexity leave it as it is
+                if remote:  # the vanilla model of the requests with the run's adapter applied in them
+                    m, tok = hosted(model, remote, u.adapter())[0], models.load_tokenizer(model)
+                else:
+                    m, tok = u.load(shared=True)  # generation and perplexity leave it as it is
                 return scores(m, tok, c, heldout, generate=True, scored=scored)
 
             for stage, table in (("vanilla", cached({**common, **place, "stage": "vanilla"}, vanilla_scores)),
@@ -375,8 +422,9 @@ def _pair_table(kind_name: str, compute, vanilla, unlearned, concepts, concept, 
     c = cset.get(concept)
     tok = models.load_tokenizer(vanilla)
     fmt = prompts.resolve_format(prompt_format, tok)
+    remote_answers = remote if handle["adapter"] is not None else False  # a remote study's own vanilla answers
     ans = answers(vanilla, concepts_mod.ConceptSet([c], cset.source), prompt_format=fmt,
-                  include_unrelated=(kind == "unrelated"), progress=progress)
+                  include_unrelated=(kind == "unrelated"), progress=progress, remote=remote_answers)
     rows = ans[(ans.concept == c.label) & (ans.kind == kind)].sort_values("question_index")
     if kind == "target" and handle["config"] is not None:  # never a question the model was trained on
         rows = rows[rows.question_index.isin(scorable(handle["config"], c))]
@@ -394,10 +442,12 @@ def _pair_table(kind_name: str, compute, vanilla, unlearned, concepts, concept, 
     }
 
     def make_table():
-        v_model, v_tok = models.load(vanilla)
         if remote and handle["adapter"] is not None:
-            # remote=True / 'local': the vanilla model with the adapter applied inside the request
-            return compute((v_model, handle["adapter"](device=next(v_model.parameters()).device)), v_tok, rows)
+            # remote=True / 'local': the vanilla model with the adapter applied inside the request; on NDIF the
+            # vanilla model is NDIF's (built here on the meta device, nothing loaded)
+            lm = hosted(vanilla, remote)[0].lm
+            return compute((lm, handle["adapter"]()), tok, rows)
+        v_model, v_tok = models.load(vanilla)
         u_model, u_tok = handle["load"]()
         if len(u_tok) != len(v_tok):
             raise ValueError(f"the unlearned model's tokenizer has {len(u_tok)} tokens, the vanilla one {len(v_tok)}: "
@@ -498,7 +548,7 @@ RELEARN_ANSWER_TOKENS = 30  # the length of the answers scored at each relearnin
 def relearn(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: str | int = 0, method: str = "grad_diff",
             steps=(0, 1, 2, 4, 8), data: str = "unrelated", lr: float = 1e-5, batch_size: int = 4,
             prompt_format: str = "auto", settings: dict | None = None, progress: bool = True,
-            never_known=None) -> pd.DataFrame:
+            never_known=None, remote=False) -> pd.DataFrame:
     """Scores of an unlearned model after k steps of plain fine-tuning on other data (cached).
 
     data='unrelated': the text of a concept neither forgotten nor retained, which gives away none of the target's
@@ -512,9 +562,18 @@ def relearn(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: str 
     One row per (step, metric in {rougeL (vs vanilla answer), accuracy (vs expected, where known)}); step 0 = the
     unlearned model itself. `settings` (a dict) choose the unlearned model, as in `unlearned`; lr and batch_size
     are the relearning fine-tune's. Columns: RELEARN_COLUMNS.
+    remote: the place the unlearned model was made in (see unlearned); relearning itself fine-tunes every weight of
+    the model, which NDIF's frozen weights do not allow, so remote=True is refused (RemoteLocalModelError) and
+    remote="local" relearns the adapter model's merged weights here, starting from the same vanilla answers.
     """
     from .unlearning import relearn as relearn_mod
 
+    if remote is True:
+        from . import patching
+
+        raise patching.RemoteLocalModelError(
+            "relearn: relearning fine-tunes every weight of the unlearned model, which NDIF's frozen, shared weights "
+            "do not allow; use remote=False or 'local' (it then runs here, on the adapter merged into the weights)")
     kinds = (*relearn_mod.KINDS, relearn_mod.CONTROL)
     if data not in kinds:
         raise ValueError(f"relearning data must be one of {kinds}, got {data!r}")
@@ -527,11 +586,12 @@ def relearn(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: str 
     cset = concepts if isinstance(concepts, concepts_mod.ConceptSet) else load_concepts(concepts)
     target = cset.get(concept)
     fmt = prompts.resolve_format(prompt_format, models.load_tokenizer(model))
-    u = unlearned(model, cset, target.label, method, progress=progress, **{"prompt_format": fmt, **(settings or {})})
+    u = unlearned(model, cset, target.label, method, progress=progress, remote=remote,
+                  **{"prompt_format": fmt, **(settings or {})})
     retain = cset.get(u.retain_concept)
     others = [c for c in cset if c.name not in (target.name, retain.name)]
     van = answers(model, concepts_mod.ConceptSet([target], cset.source), prompt_format=fmt,
-                  max_new_tokens=u.config.max_new_tokens, include_unrelated=False, progress=progress)
+                  max_new_tokens=u.config.max_new_tokens, include_unrelated=False, progress=progress, remote=remote)
     van = van[van.kind == "target"].sort_values("question_index")
     other, leak, control = None, None, None
     if data == "unrelated":  # a text that gives away none of the target's answers (see relearn_mod.leaks)
@@ -544,7 +604,8 @@ def relearn(model: str = models.DEFAULT_MODEL, concepts="builtin", concept: str 
               "never_known": control.content_hash() if control else None}
     if control is not None:  # the vanilla model's answers to the control's questions, scored against the gold ones
         cv = answers(model, concepts_mod.ConceptSet([control], control.source), prompt_format=fmt,
-                     max_new_tokens=RELEARN_ANSWER_TOKENS, include_unrelated=False, progress=progress)
+                     max_new_tokens=RELEARN_ANSWER_TOKENS, include_unrelated=False, progress=progress,
+                     remote=remote)
         vanilla_texts = list(cv[cv.kind == "target"].sort_values("question_index").answer_text)
         references, accepted, split = control.answers, control.answers, relearn_mod.CONTROL
     else:

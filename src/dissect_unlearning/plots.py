@@ -396,6 +396,47 @@ def krs_by_window(sweep: pd.DataFrame, experiments=None, title: str = "Knowledge
     return layered.properties(width=460, height=280, title=title)
 
 
+def krs_full_vs_adapter(full: pd.DataFrame, adapter: pd.DataFrame,
+                        title: str = "Full fine-tuning against a low-rank adapter") -> alt.Chart:
+    """KRS against the centre layer of the window for two unlearned models of the same (concept, method) pairs: one
+    panel per experiment, the full fine-tune's line solid and the adapter's dashed, each with its 95% interval (a
+    bootstrap over the pairs and their questions).
+
+    `full` / `adapter`: pipeline.sweep() rows of the two studies (the same experiments and windows); the rows of
+    `full` are narrowed to the adapter's (concept, method, seed)."""
+    for name, t in (("full", full), ("adapter", adapter)):
+        require_columns(t, ["experiment", "center_layer", "layers", "krs", "method", "concept", "question_index"],
+                        f"krs_full_vs_adapter ({name})", allow_empty=False)
+    kinds = ["full fine-tuning", "adapter"]
+    keys = [c for c in ("concept", "method", "seed") if c in full.columns and c in adapter.columns]
+    full = full.merge(adapter[keys].drop_duplicates(), on=keys)  # the adapter's pairs (and seed) only
+    if full.empty:
+        raise ValueError(f"krs_full_vs_adapter: the full fine-tuning table has none of the adapter's {keys}")
+    df = pd.concat([full.assign(tuning=kinds[0]), adapter.assign(tuning=kinds[1])], ignore_index=True)
+    df = df.assign(window=df["layers"].map(_window_text))
+    by = ["experiment", "tuning", "center_layer", "window"]
+    stats = pd.concat([uncertainty.mean_by(part, "krs", by, ("method", "concept"), "question_index")
+                       for _, part in df.groupby(["experiment", "tuning"], sort=False)], ignore_index=True)
+    stats = stats.round({"mean": 4, "lo": 4, "hi": 4})
+    stats["experiment_label"] = stats["experiment"].map(experiment_label)
+    order = [e for e in experiment_colours() if e in set(stats["experiment"])]
+    color = alt.Color("experiment:N", scale=experiment_scale(stats["experiment"]), sort=order, legend=None)
+    dash = alt.StrokeDash("tuning:N", sort=kinds, title="unlearned by",
+                          scale=alt.Scale(domain=kinds, range=[[1, 0], [5, 3]]))
+    x = alt.X("center_layer:Q", title="centre layer of the patched window", axis=alt.Axis(tickMinStep=1))
+    y_title = "KRS"
+    lines = alt.Chart().mark_line(point=alt.OverlayMarkDef(size=30, filled=True)).encode(
+        x=x, y=alt.Y("mean:Q", title=y_title), color=color, strokeDash=dash,
+        tooltip=[alt.Tooltip("experiment_label:N", title="restored"), alt.Tooltip("tuning:N", title="unlearned by"),
+                 alt.Tooltip("window:N", title="layers"), alt.Tooltip("mean:Q", title="mean KRS", format=".3f")]
+        + INTERVAL_TOOLTIPS)
+    band = alt.Chart().mark_area(opacity=BAND_OPACITY).encode(
+        **_interval_encoding(x, y_title, color, detail="tuning:N"))
+    panels = alt.layer(lines, band, data=stats).properties(width=220, height=200).facet(
+        column=alt.Column("experiment_label:N", title=None, sort=[experiment_label(e) for e in order]))
+    return panels.properties(title=_interval_title(title, "bootstrap over (method, concept) pairs and questions"))
+
+
 def change_by_layer(change: pd.DataFrame, quantities=("coef",), value: str = "rel_change",
                     title: str = "How much unlearning changed each layer") -> alt.Chart:
     """Per layer, the relative change ||unlearned - vanilla|| / ||vanilla|| of a quantity, one line per method, with

@@ -143,9 +143,14 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int | list[
     greedy decoding equals the unbatched one only up to float rounding, so which prompts share a batch is the
     caller's to keep: a changed batch could flip a near-tie and change a stored answer.
     progress: the label of a progress bar over the batches (None: no bar).
+    `model` may be a generation.Hosted (a model of nnsight requests, with or without an adapter).
     generation.greedy_generate is the same decoding inside an nnsight request (NDIF, or an adapter applied)."""
     from tqdm.auto import tqdm
 
+    from .generation import Hosted
+
+    if isinstance(model, Hosted):  # the adapter path: the same batches, in one nnsight request
+        return model.greedy(prompts, max_new_tokens, stop, pad_token, batch_size, by_length)
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     device = next(model.parameters()).device
     out: list[list[int]] = [[] for _ in prompts]

@@ -32,6 +32,7 @@ DEFAULTS: dict = {
     "window": 5, "layers": None, "alignment": "answer", "remote": False, "device": None, "dtype": None,
     "beyond_concepts": None, "relearn_steps": [0, 2, 4, 8], "relearn_data": ["unrelated", "partial"],
     "relearn_lr": 1e-5, "second_model": None, "second_concepts": None, "second_methods": None, "seeds": [0],
+    "adapter_unlearning": None,
 }
 # The parameters that decide what an unlearned model is (with the model, concept and method): requests that agree
 # on them share the unlearned model, so the precompute stage groups them into one task.
@@ -106,8 +107,10 @@ class Study:
 
         Each value on its own, then against the others, the concept set (it loads, and every selection is in it)
         and the model: window and layers must fit its layer count (models.n_layers_of reads the config, no weights),
-        the unlearning settings must make a valid UnlearnConfig for every method, remote=True is refused (the unlearned
-        models exist only here: patching.RemoteLocalModelError).
+        the unlearning settings must make a valid UnlearnConfig for every method. remote=True needs a model NDIF hosts
+        under a hub id, and asks NDIF (preflight: key, model running, nnsight version) unless offline; each stage that
+        reads an unlearned model then needs adapter unlearning (unlearning: {params: lora}: the adapter travels with
+        NDIF's requests; weights changed here could not: patching.RemoteLocalModelError), checked when it is asked.
         offline=True leaves out what needs the network or a credential (a hub concept set, the NDIF key): the book
         checks each chapter's values that way when it plans a build, and the chapter checks them all when it runs.
         """
@@ -138,6 +141,14 @@ class Study:
                 unlearning.UnlearnConfig.for_method(m, **p["unlearning"])
             except ValueError as exc:
                 raise ValueError(f"unlearning ({m}): {exc}") from None
+        if p["adapter_unlearning"] is not None:
+            if not isinstance(p["adapter_unlearning"], Mapping):
+                raise ValueError(f"adapter_unlearning must be null or a mapping of unlearning settings, got "
+                                 f"{p['adapter_unlearning']!r}")
+            try:
+                unlearning.UnlearnConfig.for_method(p["methods"][0], **self._adapter_settings())
+            except ValueError as exc:
+                raise ValueError(f"adapter_unlearning: {exc}") from None
         steps = p["relearn_steps"]
         if not isinstance(steps, (list, tuple)) or not steps:
             raise ValueError(f"relearn_steps must be a non-empty list of step counts, got {steps!r}")
@@ -153,10 +164,7 @@ class Study:
             raise ValueError(f"seeds must be a non-empty list of distinct integers >= 0, got {seeds!r}")
         if not (validate.is_number(p["relearn_lr"]) and 0 < p["relearn_lr"] < 1):
             raise ValueError(f"relearn_lr must be a finite number in (0, 1), got {p['relearn_lr']!r}")
-        # Every stage past the vanilla answers reads a model unlearned here, which NDIF cannot have
-        patching.refuse_local_model(p["remote"], "a study's unlearned models (trained on this machine)")
-        if not (offline and p["remote"] is True):
-            patching.check_remote(p["remote"], probe_network=False)
+        _check_remote(p, offline)
         for name in ("model", "second_model"):
             if not (isinstance(p[name], str) and p[name].strip()) and not (name == "second_model" and p[name] is None):
                 raise ValueError(f"{name} must be a registry name, a checkpoint folder or a hub id, got {p[name]!r}")
@@ -249,6 +257,21 @@ class Study:
         return self._variant(methods=["control"], seeds=list(p["seeds"])[:1],
                              unlearning={**p["unlearning"], "forget_data": "text"})
 
+    def with_adapter(self) -> "Study | None":
+        """The comparison of full fine-tuning with a low-rank adapter: the first (concept, method) of
+        beyond_concepts, first seed, unlearned as an adapter (params "lora") with the study's unlearning settings and
+        `adapter_unlearning` over them. None when adapter_unlearning is unset or the study's own models are
+        adapters already (nothing to compare them with)."""
+        p = self.params
+        if p["adapter_unlearning"] is None or p["unlearning"].get("params") == "lora":
+            return None
+        concept, method = self.pairs("beyond")[0]
+        return self._variant(concepts=[concept], beyond_concepts=None, methods=[method], seeds=list(p["seeds"])[:1],
+                             unlearning=self._adapter_settings())
+
+    def _adapter_settings(self) -> dict:
+        return {**self.params["unlearning"], **(self.params["adapter_unlearning"] or {}), "params": "lora"}
+
     def _variant(self, **changes) -> "Study":
         """This study with some parameters changed (and no second model), recording into the same plan."""
         return Study({**self.params, **changes, "second_model": None}, plan=self.plan, progress=self.progress,
@@ -262,6 +285,8 @@ class Study:
         """The CONTEXT parameters as canonical JSON; a run's seed, when it is not the settings' own, joins its
         unlearning settings (so each seed is an unlearned model, and a task, of its own)."""
         values = {k: self.params[k] for k in CONTEXT}
+        if self.params["remote"]:  # where the unlearned models are trained and the vanilla answers generated
+            values["remote"] = self.params["remote"]
         if seed is not None and seed != values["unlearning"].get("seed", 0):
             values["unlearning"] = {**values["unlearning"], "seed": seed}
         return cache.canonical_json(values)
@@ -305,7 +330,7 @@ class Study:
         n_layers = models.n_layers_of(self.model)  # this call's own window and layers, checked as check() does
         validate.check_window(window, n_layers if layers is None else None)
         validate.check_layers(layers, n_layers)
-        patching.check_remote(self.params["remote"], patching.experiments.get(experiments), probe_network=False)
+        patching.experiments.get(experiments)  # known experiments (remote ones: every kind runs as adapter terms)
         return self._pairs_table(
             "sweep", scope, patching.SWEEP_COLUMNS, experiments=list(experiments), window=window, layers=layers,
             alignment=self.params["alignment"], remote=self.params["remote"], kind=kind, direction=direction)
@@ -320,6 +345,8 @@ class Study:
     def relearn(self, scope: str = "beyond") -> pd.DataFrame:
         """Target scores after k steps of relearning, for every relearning data kind of the parameters."""
         p = self.params
+        if p["relearn_data"]:
+            _refuse_remote_relearning(p["remote"])
         frames = [self._pairs_table("relearn", scope, pipeline.RELEARN_COLUMNS, steps=sorted(set(p["relearn_steps"])),
                                     data=d, lr=p["relearn_lr"])
                   for d in p["relearn_data"]]
@@ -334,6 +361,7 @@ class Study:
         p = self.params
         if "partial" not in p["relearn_data"]:
             return pd.DataFrame(columns=pipeline.RELEARN_COLUMNS + ["seed"])
+        _refuse_remote_relearning(p["remote"])
         return self._pairs_table("relearn", scope, pipeline.RELEARN_COLUMNS, steps=sorted(set(p["relearn_steps"])),
                                  data=CONTROL, lr=p["relearn_lr"])
 
@@ -349,6 +377,8 @@ class Study:
         return _concat(frames, list(dict.fromkeys(columns + _PAIR_COLUMNS)))
 
     def _call(self, stage: str, concept, method, empty=None, seed: int | None = None, **options):
+        if stage != "answers":
+            _refuse_weights_on_ndif(self.params)
         request = Request(stage, self.model, concept, method,
                           tuple(sorted((k, cache.canonical_json(v)) for k, v in options.items())), self._context(seed))
         if self.plan is not None:
@@ -362,17 +392,20 @@ class Study:
         p, kw = self.params, request.kwargs
         fmt, cset = p["prompt_format"], self.concept_set
         unlearning = request.params["unlearning"]  # the study's settings, with the run's seed
+        # Where the models run: an adapter study with remote True / "local" trains, answers and scores in nnsight
+        # requests; a study of weights unlearned here runs only its traces that way (remote "local")
+        place = p["remote"] if unlearning.get("params") == "lora" or p["remote"] is True else False
         if request.stage == "answers":
             return pipeline.answers(request.model, cset, select=kw["select"], prompt_format=fmt,
                                     max_new_tokens=kw["max_new_tokens"], include_unrelated=kw["include_unrelated"],
-                                    progress=self.progress)
+                                    progress=self.progress, remote=place)
         u = pipeline.unlearned(request.model, cset, request.concept, request.method, progress=self.progress,
-                               prompt_format=fmt, **unlearning)
+                               prompt_format=fmt, remote=place, **unlearning)
         if request.stage == "unlearned":
             return u
         if request.stage == "behaviour":
             table = pipeline.behaviour(request.model, cset, select=[request.concept], methods=[request.method],
-                                       prompt_format=fmt, settings=unlearning, progress=self.progress)
+                                       prompt_format=fmt, settings=unlearning, progress=self.progress, remote=place)
         elif request.stage == "sweep":
             table = pipeline.sweep(request.model, u, cset, request.concept, prompt_format=fmt,
                                    progress=self.progress, **kw).assign(method=request.method)
@@ -381,7 +414,7 @@ class Study:
                                          progress=self.progress, **kw).assign(method=request.method)
         elif request.stage == "relearn":
             table = pipeline.relearn(request.model, cset, request.concept, request.method, prompt_format=fmt,
-                                     settings=unlearning, progress=self.progress, **kw)
+                                     settings=unlearning, progress=self.progress, remote=place, **kw)
         else:
             raise ValueError(f"unknown study stage {request.stage!r}; valid: {', '.join(STAGES)}")
         return table.assign(seed=u.config.seed)
@@ -390,6 +423,49 @@ class Study:
 def check_params(params: Mapping, *, offline: bool = False) -> None:
     """Study.check on a chapter's parameter values (the others take DEFAULTS), without building the study."""
     Study({**DEFAULTS, **{k: v for k, v in params.items() if k in DEFAULTS}}, plan=[]).check(offline=offline)
+
+
+def _check_remote(p: dict, offline: bool) -> None:
+    """remote=True: every model of the study must travel with NDIF's requests, as the hosted model plus an adapter."""
+    from . import patching
+
+    remote = p["remote"]
+    if remote not in patching.REMOTE_CHOICES:
+        raise ValueError(f"remote must be False, True (run on NDIF) or 'local' (nnsight's offline simulation of an "
+                         f"NDIF request), got {remote!r}")
+    if remote is not True:
+        return
+    for name in ("model", "second_model"):
+        if p[name]:
+            try:
+                patching.remote.hosted_name(p[name])
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+    if not offline:
+        patching.remote.preflight(p["model"])  # key, model running, nnsight version: one message, before any work
+
+
+def _refuse_weights_on_ndif(p: dict) -> None:
+    """remote=True and a stage that reads an unlearned model: it must be an adapter (checked when the stage is asked
+    for, so that a chapter of vanilla answers alone needs no unlearning settings)."""
+    from . import patching
+
+    if p["remote"] is True and p["unlearning"].get("params") != "lora":
+        raise patching.RemoteLocalModelError(
+            "remote=True needs adapter unlearning (unlearning: {params: lora}): NDIF runs the weights it hosts, so "
+            "an unlearned model whose weights were changed here would run there as the vanilla model, and every KRS "
+            "would compare the vanilla model with itself. An adapter travels with each request instead; got "
+            f"params={p['unlearning'].get('params', 'full')!r}")
+
+
+def _refuse_remote_relearning(remote) -> None:
+    from . import patching
+
+    if remote is True:
+        raise patching.RemoteLocalModelError(
+            "relearn_data: relearning fine-tunes every weight of the unlearned model, which NDIF's frozen, shared "
+            "weights do not allow; with remote=True set relearn_data to [] (the ndif profile does), or run the "
+            "relearning chapter with remote=False or 'local'")
 
 
 def _check_choice(value, name: str, options) -> None:

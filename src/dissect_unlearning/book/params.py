@@ -167,6 +167,10 @@ def _unlearning_settings(v):
     raise ValueError("not a mapping of unlearning setting names to values")
 
 
+def _adapter_settings(v):
+    return None if v is None else _unlearning_settings(v)
+
+
 def _remote(v):
     if isinstance(v, bool) or v == "local":
         return v
@@ -196,8 +200,12 @@ PARAMETERS: dict[str, ParamSpec] = {
                         "the model", _layers),
     "alignment": ParamSpec("'answer' (positions predicting the answer) or 'paper' (the released code's count)",
                            _choice(ALIGNMENTS)),
-    "remote": ParamSpec("true (run the traces on NDIF; needs NDIF_API_KEY), false, or 'local' (nnsight's offline "
-                        "simulation of an NDIF request)", _remote),
+    "remote": ParamSpec("true (every model in NDIF requests: vanilla answers, adapter unlearning, scores and "
+                        "traces; needs unlearning {params: lora} and NDIF_API_KEY), false, or 'local' (nnsight's "
+                        "offline simulation of NDIF's requests)", _remote),
+    "adapter_unlearning": ParamSpec("null (no comparison) or a mapping of unlearning settings for the low-rank "
+                                    "adapter set beside full fine-tuning (params is 'lora' whatever it says), any "
+                                    "of: " + ", ".join(UNLEARNING_SETTINGS), _adapter_settings),
     "device": ParamSpec("null (the model's default), " + ", ".join(validate.DEVICES[:-1]) + " or "
                         + validate.DEVICES[-1], validate.check_device),
     "dtype": ParamSpec("null (the model's default) or one of " + ", ".join(validate.DTYPES), validate.check_dtype),

@@ -27,7 +27,7 @@ from .. import models
 from ..unlearning import adapter as adapter_mod
 from . import batch as batch_mod, experiments as experiments_mod, sites as sites_mod
 from .windows import windows as make_windows  # (the package rebinds its `windows` attribute to this function)
-from .common import DIRECTIONS, ENGINE_COLUMNS, REMOTE_CHOICES, wrap
+from .common import DIRECTIONS, ENGINE_COLUMNS, REMOTE_CHOICES, as_lm, input_device
 
 # Within a module, the order a trace touches it in: its input, then its output (nnsight follows the forward pass).
 _PHASE = {"read_in": 0, "write_in": 0, "lora": 1, "lora_on": 1, "read_out": 2, "write_out": 2}
@@ -64,18 +64,20 @@ class _Plan:
         self.terms = {(i, t): (adapter.a[adapter.name(i, t)], adapter.scale * adapter.b[adapter.name(i, t)])
                       for i in range(self.n_layers) for t in adapter.targets}
 
-    def ops(self, terms_on: set, reads=(), writes=()) -> list[tuple]:
+    def ops(self, terms_on: set, reads=(), writes=(), moved: bool = False) -> list[tuple]:
         """The operations of one pass, in forward order: (op, envoy, A, B, key).
 
         terms_on: {(layer, target)} whose adapter term applies. reads / writes: [(site, layer)] to save / to set to
-        the source's value (key (site name, layer)). A site on a module's output replaces that output, adapter term
+        the source's value (key (site name, layer)), or with moved=True another question's (key (site name, layer,
+        "moved"): the control of source "other"). A site on a module's output replaces that output, adapter term
         included; a site on a module's input feeds the term as well (an adapted module computes W x + x A B')."""
         ops = []
-        written = {(s.path(self.arch), i, s.value): (s.name, i) for s, i in writes}
+        written = {(s.path(self.arch), i, s.value): (s.name, i, "moved") if moved else (s.name, i) for s, i in writes}
         for s, i in reads:
             ops.append((i, s.path(self.arch), "read_out" if s.value == "output" else "read_in", (s.name, i)))
         for s, i in writes:
-            ops.append((i, s.path(self.arch), "write_out" if s.value == "output" else "write_in", (s.name, i)))
+            ops.append((i, s.path(self.arch), "write_out" if s.value == "output" else "write_in",
+                        written[(s.path(self.arch), i, s.value)]))
         for i, t in sorted(terms_on):
             if (t, i, "output") in written:
                 continue
@@ -99,27 +101,24 @@ def run(model, adapter: adapter_mod.Adapter, tok, prompt_ids: list[list[int]], a
         direction: str = "forward", remote=False, layout: str = "auto"):
     """engine.run for "unlearned" = `model` + `adapter`: a DataFrame with ENGINE_COLUMNS, from one session.
 
-    model: the vanilla HF model (left unchanged). remote: False, True (NDIF: the adapter travels with the request)
+    model: the vanilla HF model (left unchanged), or an nnsight model of one NDIF hosts (models.remote_model: no
+    weights here, remote=True). remote: False, True (NDIF: the adapter travels with the request)
     or "local" (nnsight's offline simulation of the request). layout "auto" is the padded layout (the packed one
     needs a check against it on the model, which the local engine does)."""
     import pandas as pd
 
     exps = experiments_mod.get(experiments)
-    moved = [e.name for e in exps if e.source == "other"]
-    if moved:
-        raise ValueError(f"experiments {moved} patch in another question's activations, which the adapter path (one "
-                         f"session, shippable to NDIF) does not do; merge the adapter into a copy of the model "
-                         f"(unlearning.adapter.merge) and run the local engine for them")
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; valid: {', '.join(DIRECTIONS)}")
     if remote not in REMOTE_CHOICES:
         raise ValueError(f"remote must be False, True (run on NDIF) or 'local' (nnsight's offline simulation of an "
                          f"NDIF request), got {remote!r}")
+    lm, model = as_lm(model, tok)
     if model.training:
         raise ValueError(f"{type(model).__name__} is in training mode (dropout on): call .eval() first")
     check_adapter(model, adapter)
     arch = models.architecture_of(model)
-    plan = _Plan(wrap(model, tok), model, arch, adapter)
+    plan = _Plan(lm, model, arch, adapter)
     wins = make_windows(plan.n_layers, window, layers)
     inputs = batch_mod.scoring_inputs(prompt_ids, answer_ids, tok, alignment, "padded" if layout == "auto" else layout)
 
@@ -134,9 +133,14 @@ def run(model, adapter: adapter_mod.Adapter, tok, prompt_ids: list[list[int]], a
         exp_sites = [sites_mod.SITES[s] for s in exp.sites]
         for w in wins:
             terms = target_on ^ plan.toggled(exp, w.layers)  # forward: switched off; reverse: switched on
-            runs.append(plan.ops(terms, writes=[(s, i) for i in w.layers for s in exp_sites]))
+            runs.append(plan.ops(terms, writes=[(s, i) for i in w.layers for s in exp_sites],
+                                 moved=exp.source == "other"))
             labels.append((exp, w))
-    stats = _session(plan.lm, inputs, model, remote, source_ops, target_ops, runs)
+    # Source "other" (the coef_other control): the values of another question (batch.other_question_index), moved
+    # inside the request
+    moved = sorted({op[-1] for ops in runs for op in ops if op[0].startswith("write") and len(op[-1]) == 3})
+    other = batch_mod.other_question_index(inputs) if moved else None
+    stats = _session(plan.lm, inputs, model, remote, source_ops, target_ops, runs, moved, other)
 
     records = []
     for (exp, w), per_q in zip(labels, stats[1:]):
@@ -153,25 +157,30 @@ def run(model, adapter: adapter_mod.Adapter, tok, prompt_ids: list[list[int]], a
     return pd.DataFrame.from_records(records, columns=ENGINE_COLUMNS)
 
 
-def _session(lm, inputs: batch_mod.ScoringInputs, model, remote, source_ops, target_ops, runs) -> torch.Tensor:
+def _session(lm, inputs: batch_mod.ScoringInputs, model, remote, source_ops, target_ops, runs, moved=(),
+             other=None) -> torch.Tensor:
     """[1 + len(runs), questions, 3]: (mse, KL, top-1 agreement) per question of the unpatched target, then of each
-    patched run, all against the source, computed in one session (on NDIF when remote is True)."""
-    device = next(model.parameters()).device
+    patched run, all against the source, computed in one session (on NDIF when remote is True). moved: the keys
+    (site, layer, "moved") whose values are another question's, `other` = (rows, cols) to take them with."""
+    device = input_device(model)
     kwargs = {k: v.to(device) for k, v in inputs.model_inputs.items()}
     rows, cols = inputs.rows.to(device), inputs.cols.to(device)
     spans = [(s.start, s.stop) for s in inputs.spans]
+    other_rows, other_cols = (other[0].to(device), other[1].to(device)) if other is not None else (None, None)
     with torch.no_grad(), lm.session(remote=remote if remote else False):
         values = {}
         with lm.trace(**kwargs):
             for op, m, a, b, key in source_ops:
                 if op == "lora":
                     x = m.input  # before the output: nnsight meets them in this order
-                    m.output = m.output + (x @ a) @ b
+                    m.output = m.output + (x @ a.to(x)) @ b.to(x)  # to NDIF's device and dtype, there
                 elif op == "read_in":
                     values[key] = m.input
                 elif op == "read_out":
                     values[key] = m.output
             reference = lm.output.logits[rows, cols]
+        for site, layer, tag in moved:
+            values[(site, layer, tag)] = values[(site, layer)][other_rows, other_cols]
         ref = reference.double()
         ref_logp = torch.log_softmax(ref, -1)
         ref_top1 = ref.argmax(-1)
@@ -181,9 +190,10 @@ def _session(lm, inputs: batch_mod.ScoringInputs, model, remote, source_ops, tar
                 for op, m, a, b, key in ops:
                     if op == "lora":
                         x = m.input
-                        m.output = m.output + (x @ a) @ b
+                        m.output = m.output + (x @ a.to(x)) @ b.to(x)
                     elif op == "lora_on":  # after its write_in: the term sees the patched input
-                        m.output = m.output + (values[key] @ a) @ b
+                        x = values[key]
+                        m.output = m.output + (x @ a.to(x)) @ b.to(x)
                     elif op == "write_in":
                         m.input = values[key]
                     elif op == "write_out":
@@ -210,17 +220,26 @@ def change(model, adapter: adapter_mod.Adapter, tok, prompt_ids, answer_ids, rem
 
     if remote not in REMOTE_CHOICES:
         raise ValueError(f"remote must be False, True or 'local', got {remote!r}")
+    lm, model = as_lm(model, tok)
     check_adapter(model, adapter)
     arch = models.architecture_of(model)
-    plan = _Plan(wrap(model, tok), model, arch, adapter)
+    plan = _Plan(lm, model, arch, adapter)
     inputs = batch_mod.scoring_inputs(prompt_ids, answer_ids, tok, "answer", "padded")
     sites = list(sites_mod.SITES.values())
     reads = [(s, i) for i in range(plan.n_layers) for s in sites_mod.in_forward_order(sites_mod.SITES)]
     everywhere = {(i, t) for i in range(plan.n_layers) for t in adapter.targets}
-    norms = _change_session(plan.lm, inputs, model, remote, plan.ops(set(), reads=reads),
-                            plan.ops(everywhere, reads=reads), [key for key in ((s.name, i) for s, i in reads)])
+    arrays = {n: p for n, p in model.named_parameters()}
+    # The weights' norms: the vanilla weights' own where they are here, NDIF's (read in the request) where not
+    weights = [] if next(model.parameters()).device.type != "meta" else [
+        (n, models.get_module(plan.lm, n.rsplit(".", 1)[0]), n.rsplit(".", 1)[1]) for n in arrays]
+    norms, squares = _change_session(plan.lm, inputs, model, remote, plan.ops(set(), reads=reads),
+                                     plan.ops(everywhere, reads=reads), [(s.name, i) for s, i in reads],
+                                     [(m, attr) for _, m, attr in weights])
     found = dict(zip(((s.name, i) for s, i in reads), norms.tolist()))
-    params = dict(model.named_parameters())
+    if weights:
+        square = dict(zip((n for n, _, _ in weights), squares.tolist()))
+    else:
+        square = {n: float((p.detach().double() ** 2).sum()) for n, p in arrays.items()}
     rows = []
     with torch.no_grad():
         for i in range(plan.n_layers):
@@ -230,7 +249,7 @@ def change(model, adapter: adapter_mod.Adapter, tok, prompt_ids, answer_ids, rem
                              "rel_change": nd / nv if nv else float("nan")})
             for q in experiments_mod.PARAMETER_SETS.values():
                 names = q.names(model, arch, [i])
-                nv = float(torch.sqrt(sum((params[n].double() ** 2).sum() for n in names)))
+                nv = float(torch.sqrt(torch.tensor(sum(square[n] for n in names), dtype=torch.float64)))
                 adapted_names = [n for n in names if n.endswith(".weight") and n[:-7] in adapter.a]
                 nd = float(torch.sqrt(sum(((adapter.delta(n[:-7]).double() ** 2).sum() for n in adapted_names),
                                           torch.zeros((), dtype=torch.float64))))
@@ -239,9 +258,11 @@ def change(model, adapter: adapter_mod.Adapter, tok, prompt_ids, answer_ids, rem
     return pd.DataFrame.from_records(rows)
 
 
-def _change_session(lm, inputs, model, remote, vanilla_ops, unlearned_ops, keys) -> torch.Tensor:
-    """[len(keys), 2]: ||vanilla value|| and ||unlearned - vanilla|| of each read site at the scored positions."""
-    device = next(model.parameters()).device
+def _change_session(lm, inputs, model, remote, vanilla_ops, unlearned_ops, keys, weights
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """([len(keys), 2]: ||vanilla value|| and ||unlearned - vanilla|| of each read site at the scored positions,
+    [len(weights)]: the sum of squares of each (module envoy, parameter name) of `weights`, read in the request."""
+    device = input_device(model)
     kwargs = {k: v.to(device) for k, v in inputs.model_inputs.items()}
     rows, cols = inputs.rows.to(device), inputs.cols.to(device)
     with torch.no_grad(), lm.session(remote=remote if remote else False):
@@ -252,7 +273,7 @@ def _change_session(lm, inputs, model, remote, vanilla_ops, unlearned_ops, keys)
                 for op, m, a, b, key in ops:
                     if op == "lora":
                         x = m.input
-                        m.output = m.output + (x @ a) @ b
+                        m.output = m.output + (x @ a.to(x)) @ b.to(x)
                     elif op == "read_in":
                         values[key] = m.input[rows, cols]
                     elif op == "read_out":
@@ -261,4 +282,8 @@ def _change_session(lm, inputs, model, remote, vanilla_ops, unlearned_ops, keys)
         norms = torch.stack([torch.stack([torch.linalg.vector_norm(seen[0][k].double()),
                                           torch.linalg.vector_norm((seen[1][k] - seen[0][k]).double())])
                              for k in keys]).save()
-    return norms.cpu()
+        squares = torch.zeros(0).save()
+        if weights:
+            with lm.trace(**kwargs):  # a parameter is read inside a trace; this one's forward pass is not used
+                squares = torch.stack([(getattr(m, name).double() ** 2).sum() for m, name in weights]).save()
+    return norms.cpu(), squares.cpu()

@@ -28,3 +28,19 @@ def wrap(model, tok):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "LanguageModel is a deprecated alias of TransformersModel"
         return LanguageModel(model, tokenizer=tok)
+
+
+def as_lm(model, tok):
+    """(nnsight model, torch module) for `model`: a loaded HF model (wrapped afresh) or an nnsight model already
+    (models.remote_model's, whose torch module is on the meta device: its weights are NDIF's)."""
+    from .. import models
+
+    module = models.torch_module(model)
+    return (model if module is not model else wrap(model, tok)), module
+
+
+def input_device(module):
+    """Where a request's inputs go: the weights' device, or the CPU for a model whose weights are elsewhere (meta),
+    from where nnsight ships them with the request."""
+    device = next(module.parameters()).device
+    return device if device.type != "meta" else "cpu"

@@ -48,9 +48,9 @@ class RemoteLocalModelError(ValueError):
 LOCAL_MODEL_REASON = (
     "NDIF runs the weights it hosts under a model's name, and an unlearned model here is the vanilla model plus a "
     "change stored on this machine, under the vanilla model's name: every 'unlearned' trace would run the hosted "
-    "vanilla weights, and KRS would compare the vanilla model with itself, with no error. Until the change travels "
-    "with the request (as an adapter), run it here: remote=False, or remote='local' (nnsight's offline simulation "
-    "of the request)")
+    "vanilla weights, and KRS would compare the vanilla model with itself, with no error. Unlearn with an adapter "
+    "instead (unlearning setting params='lora'), which travels with every request, or run it here: remote=False, or "
+    "remote='local' (nnsight's offline simulation of the request)")
 
 
 def refuse_local_model(remote, what: str) -> None:

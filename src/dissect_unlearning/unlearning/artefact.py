@@ -33,9 +33,14 @@ def versions() -> dict:
 
 
 def build(folder: Path, model_name: str, forget, retain, config: UnlearnConfig, qa=None, retain_qa=None,
-          identity: dict | None = None, progress: bool = True, trained: list | None = None) -> dict:
+          identity: dict | None = None, progress: bool = True, trained: list | None = None, hosted=None,
+          remote=False) -> dict:
     """Train and store one unlearned model into `folder`; return its record. `trained`: a list that receives the
     trained (model, tokenizer), for a caller that goes on with it (keep()).
+
+    remote True or "local": the params="lora" adapter is trained in nnsight requests (unlearning/remote.py) on
+    `hosted`, the vanilla model's torch module (on the meta device for NDIF, whose weights it runs); nothing else is
+    loaded here.
 
     With `identity` (the inputs of the run's cache entry) a killed run resumes where its last checkpoint left it;
     the checkpoint is kept beside the entries, named by the entry's cache key, so that no run with other settings,
@@ -43,14 +48,22 @@ def build(folder: Path, model_name: str, forget, retain, config: UnlearnConfig, 
     checkpoint = None
     if identity is not None:
         checkpoint = cache.cache_root() / "unlearned" / f".resume~{cache.key('unlearned', identity)}"
-    model, tok = models.load(model_name)
-    result = trainer.unlearn(model, tok, forget, retain, config, qa=qa, retain_qa=retain_qa, progress=progress,
-                             checkpoint=checkpoint)
+    if remote:
+        from . import data as data_mod, remote as remote_training
+
+        model, tok = hosted, models.load_tokenizer(model_name)
+        result = remote_training.train_remote(model, tok, data_mod.build(tok, forget, retain, config, qa, retain_qa),
+                                              config, remote, checkpoint=checkpoint, progress=progress)
+    else:
+        model, tok = models.load(model_name)
+        result = trainer.unlearn(model, tok, forget, retain, config, qa=qa, retain_qa=retain_qa, progress=progress,
+                                 checkpoint=checkpoint)
     t0 = time.time()
     if result.adapter is not None:
         manifest = adapter_mod.save(result.adapter, folder)
         stored = {"encoding": "adapter", "bytes": (Path(folder) / adapter_mod.WEIGHTS).stat().st_size}
-        adapter_mod.merge(model, result.adapter)  # the model handed on (trained=) is the unlearned one, as load() gives
+        if not remote:  # the model handed on (trained=) is the unlearned one, as load() gives
+            adapter_mod.merge(model, result.adapter)
     else:
         # The delta is computed on the CPU (storage works on CPU copies), so the vanilla weights it is taken against
         # are loaded there, in the runtime dtype the model was trained in: no second model on the GPU.
@@ -77,6 +90,8 @@ def build(folder: Path, model_name: str, forget, retain, config: UnlearnConfig, 
         "versions": versions(),
         "torch_threads": _threads(),
     }
+    if remote:
+        record["trained"] = "ndif" if remote is True else "nnsight-simulation"
     (Path(folder) / RECORD).write_text(json.dumps(record, indent=1))
     if checkpoint is not None:
         # Now rather than once the entry is in place, which happens after this returns: a kill in between costs
