@@ -645,5 +645,7 @@ def test_full_vs_adapter_compares_the_same_pair_one_line_per_kind_and_experiment
     coef = stats[stats.experiment == "coef"].pivot_table(index="center_layer", columns="tuning", values="mean")
     assert coef["full fine-tuning"].idxmax() == coef.index.max() and coef["adapter"].idxmax() == 1  # its peaks
     assert (stats.lo <= stats["mean"]).all() and (stats["mean"] <= stats.hi).all()
+    subtitle = " ".join(spec["title"]["subtitle"])
+    assert "Highest mean KRS over the windows" in subtitle and subtitle.count(" vs ") == 1 + 4  # 4 experiments
     with pytest.raises(ValueError, match="none of the adapter's"):
         plots.krs_full_vs_adapter(full, adapter.assign(concept="Z"))

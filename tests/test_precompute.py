@@ -38,10 +38,19 @@ def regime_of(t) -> str:
     return json.loads(t.context).get("unlearning", {}).get("forget_data", UnlearnConfig.forget_data)
 
 
+def params_of(t) -> str:
+    """Which parameters a task's model trains: 'lora' for chapter 4's adapter comparison, else the default."""
+    import json
+
+    from dissect_unlearning.unlearning import UnlearnConfig
+
+    return json.loads(t.context).get("unlearning", {}).get("params", UnlearnConfig.params)
+
+
 def main_variant(t) -> bool:
     from dissect_unlearning.unlearning import UnlearnConfig
 
-    return seed_of(t) == 0 and regime_of(t) == UnlearnConfig.forget_data
+    return seed_of(t) == 0 and regime_of(t) == UnlearnConfig.forget_data and params_of(t) != "lora"
 
 
 def test_one_task_per_unlearned_model_and_it_trains_first():
@@ -49,7 +58,7 @@ def test_one_task_per_unlearned_model_and_it_trains_first():
 
     todo = precompute.tasks(plan())
     prof = book.load_profile("default", ROOT).parameters
-    pairs = [(t.model, t.concept, t.method, seed_of(t), regime_of(t)) for t in todo if t.concept]
+    pairs = [(t.model, t.concept, t.method, seed_of(t), regime_of(t), params_of(t)) for t in todo if t.concept]
     assert len(pairs) == len(set(pairs))  # each unlearned model in exactly one task
     # the chapters' unlearned models, and the control fine-tune of each concept (chapters 6 and 7); the other seeds
     # of the beyond_concepts' pairs (the patching chapter), and their other forget data regimes (chapter 3)
@@ -61,7 +70,10 @@ def test_one_task_per_unlearned_model_and_it_trains_first():
     regimes = {("smollm2-135m", c, m, 0, r) for c, m in beyond for r in ("text", "qa", "text+qa") if r != default}
     second = {(prof["second_model"], c, m, 0, default) for c in prof["second_concepts"]
               for m in prof["second_methods"]}
-    assert len(prof["seeds"]) >= 3 and set(pairs) == main | seeds | regimes | second
+    full = {(*k, UnlearnConfig.params) for k in main | seeds | regimes | second}
+    # chapter 4's adapter set beside full fine-tuning: the first pair of beyond_concepts, first seed
+    adapter = {("smollm2-135m", prof["beyond_concepts"][0], prof["methods"][0], 0, default, "lora")}
+    assert len(prof["seeds"]) >= 3 and set(pairs) == full | adapter
     for t in todo:
         if t.concept:
             assert t.requests[0].stage == "unlearned" and t.requests[0].kwargs == {}
@@ -108,7 +120,7 @@ def test_parameter_overrides_reach_the_tasks_and_remote_chapters_are_left_alone(
     (t,) = [t for t in todo if t.concept and t.method == "npo" and main_variant(t)]
     assert {kw.get("window") for kw in stages(t, "sweep") if kw["layers"] is None} == {3}
     assert stages(t, "relearn")  # beyond_concepts None: every chosen concept
-    with pytest.raises(book.BookError, match="vanilla model with itself"):  # refused before any planning
+    with pytest.raises(book.BookError, match="hub id"):  # a model of this machine: refused before any planning
         plan(overrides={"remote": True}, only={4, 5, 6, 7})
 
 

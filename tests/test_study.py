@@ -176,7 +176,7 @@ def test_smoke_chapter_tables_equal_the_fixture_within_1e_6():
     print(f"smoke chapter tables: {len(tables)} tables equal the fixture {how}; sha256 {digest.hexdigest()[:16]}")
 
 
-@pytest.mark.book
+@pytest.mark.slow  # two more unlearned models and their sweeps on the default model: make test-slow
 def test_the_remote_path_of_a_study_gives_the_numbers_of_the_local_one():
     """Smoke chapter 4 as it runs (remote="local": answers, adapter training, sweeps all as nnsight requests) against
     the same study run here (remote=False: the adapter trained by trainer.train, merged, the local engine)."""

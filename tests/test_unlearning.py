@@ -530,6 +530,28 @@ def test_recomputed_activations_train_the_same_weights_bit_for_bit(monkeypatch):
     assert not with_it.is_activation_checkpointing and with_it.config.use_cache  # switched back off afterwards
 
 
+def test_relearning_with_or_without_recomputed_activations_ends_with_the_same_weights():
+    """relearn(recompute=...) changes the cost only: the weights of three steps are bit for bit the same."""
+    import copy
+
+    from conftest import make_tiny_llama
+    from dissect_unlearning.unlearning import data as data_mod, relearn as relearn_mod
+
+    model, tok = make_tiny_llama()
+    g = torch.Generator().manual_seed(0)
+    train = [data_mod.text_example(torch.randint(6, len(tok), (12,), generator=g).tolist(), f"text:{i}")
+             for i in range(6)]
+    ends = []
+    for recompute in (True, False):
+        m = copy.deepcopy(model)
+        rows = relearn_mod.relearn(m, tok, train, [1, 3], lambda m, k: [{"k": k}], batch_size=2, lr=1e-3,
+                                   progress=False, recompute=recompute)
+        assert rows == [{"step": 1, "k": 1}, {"step": 3, "k": 3}] and not m.training
+        ends.append(m)
+    assert all(torch.equal(x, y) for x, y in zip(ends[0].parameters(), ends[1].parameters()))
+    assert not all(torch.equal(x, y) for x, y in zip(model.parameters(), ends[1].parameters()))  # it trained
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_chunked_log_probs_equal_the_plain_ones_and_their_gradients_agree(monkeypatch, family):
     """Above the logit budget the LM head runs a few positions at a time: the same log-probs, gradients equal up

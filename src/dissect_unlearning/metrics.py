@@ -78,15 +78,13 @@ def perplexity(model, tok, texts: list[str], max_tokens: int = 512, chunk_tokens
         chunks += [ids[i:i + chunk_tokens] for i in range(0, len(ids), chunk_tokens) if len(ids[i:i + chunk_tokens]) > 1]
     if not chunks:
         return math.nan, 0
-    from .generation import Hosted
-
     batches = []
     for s in range(0, len(chunks), batch_size):
         # Right padding: positions are the plain 0..n-1, as for the unpadded chunk.
         ids, mask = prompts.pad(chunks[s:s + batch_size], prompts.pad_id(tok), "right")
         batches.append((ids, mask, ids.masked_fill(mask == 0, prompts.IGNORE)))
     count = sum(int((labels[:, 1:] != prompts.IGNORE).sum()) for _, _, labels in batches)
-    if isinstance(model, Hosted):  # the adapter path: every batch's sum in one nnsight request
+    if callable(getattr(model, "nll_sums", None)):  # a generation.Hosted: every batch's sum in one nnsight request
         return math.exp(sum(model.nll_sums(batches)) / count), count
     device = next(model.parameters()).device
     total = 0.0

@@ -434,7 +434,12 @@ def krs_full_vs_adapter(full: pd.DataFrame, adapter: pd.DataFrame,
         **_interval_encoding(x, y_title, color, detail="tuning:N"))
     panels = alt.layer(lines, band, data=stats).properties(width=220, height=200).facet(
         column=alt.Column("experiment_label:N", title=None, sort=[experiment_label(e) for e in order]))
-    return panels.properties(title=_interval_title(title, "bootstrap over (method, concept) pairs and questions"))
+    best = stats.groupby(["experiment", "tuning"])["mean"].max()
+    title = _interval_title(title, "bootstrap over (method, concept) pairs and questions")
+    highest = "; ".join(f"{experiment_label(e)} {best[(e, kinds[0])]:.3f} vs {best[(e, kinds[1])]:.3f}" for e in order)
+    title.subtitle = list(title.subtitle) + [f"Highest mean KRS over the windows, full fine-tuning vs adapter: "
+                                             f"{highest}."]
+    return panels.properties(title=title)
 
 
 def change_by_layer(change: pd.DataFrame, quantities=("coef",), value: str = "rel_change",

@@ -147,9 +147,7 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int | list[
     generation.greedy_generate is the same decoding inside an nnsight request (NDIF, or an adapter applied)."""
     from tqdm.auto import tqdm
 
-    from .generation import Hosted
-
-    if isinstance(model, Hosted):  # the adapter path: the same batches, in one nnsight request
+    if callable(getattr(model, "greedy", None)):  # a generation.Hosted: the same batches, in one nnsight request
         return model.greedy(prompts, max_new_tokens, stop, pad_token, batch_size, by_length)
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     device = next(model.parameters()).device

@@ -269,6 +269,12 @@ class Study:
         return self._variant(concepts=[concept], beyond_concepts=None, methods=[method], seeds=list(p["seeds"])[:1],
                              unlearning=self._adapter_settings())
 
+    def adapter_sweeps(self, experiments) -> pd.DataFrame | None:
+        """with_adapter()'s sweeps of `experiments` (the adapter's KRS curves, to set beside the study's own), or
+        None when there is no comparison in these parameters."""
+        adapter = self.with_adapter()
+        return adapter.sweeps(experiments) if adapter is not None else None
+
     def _adapter_settings(self) -> dict:
         return {**self.params["unlearning"], **(self.params["adapter_unlearning"] or {}), "params": "lora"}
 

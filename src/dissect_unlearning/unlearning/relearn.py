@@ -16,6 +16,8 @@ Plain next-token NLL, AdamW, seeded order; `evaluate(model, step)` is called at 
 """
 from __future__ import annotations
 
+import contextlib
+
 import random
 import re
 from typing import Callable
@@ -106,8 +108,12 @@ def never_known_examples(tok, concept, prompt_format: str, max_length: int = 256
 
 
 def relearn(model, tok, train: list, checkpoints, evaluate: Callable[[object, int], list[dict]], lr: float = 1e-5,
-            batch_size: int = 4, seed: int = 0, progress: bool = True) -> list[dict]:
-    """Fine-tune `model` in place on `train`; return the rows `evaluate` gives at each checkpoint step."""
+            batch_size: int = 4, seed: int = 0, progress: bool = True, recompute: bool = True) -> list[dict]:
+    """Fine-tune `model` in place on `train`; return the rows `evaluate` gives at each checkpoint step.
+
+    recompute: gradient checkpointing (trainer.recomputed_activations), the same weights bit for bit either way.
+    Kept on: on the default model's relearning batches it costs 1.09x the time per step and saves 0.37 GB of peak
+    memory (benchmarks/bench_relearn.py, one run, idle 2-core machine), and memory is the build's tighter budget."""
     from tqdm.auto import tqdm
 
     checkpoints = sorted(set(int(k) for k in checkpoints))
@@ -131,7 +137,7 @@ def relearn(model, tok, train: list, checkpoints, evaluate: Callable[[object, in
                 index, order = order[:batch_size], order[batch_size:]
                 part = data_mod.collate([train[i] for i in index], index, pad_id)
                 model.train()
-                with recomputed_activations(model):
+                with (recomputed_activations(model) if recompute else contextlib.nullcontext()):
                     loss = mean_nll(*sequence_logprobs(model, part))
                     optimiser.zero_grad(set_to_none=True)
                     loss.backward()
