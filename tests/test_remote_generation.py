@@ -274,6 +274,7 @@ def test_a_remote_model_generates_in_the_simulation_as_the_loaded_model_does(tin
                                           remote="local") == expected
 
 
+@pytest.mark.slow  # the tiny-model tests above check the same in make test; this one on the real default model
 def test_on_the_default_model_the_answers_are_greedy_generates_and_the_merged_models(default_model):
     """SmolLM2-135M, 30 layers: chat answers of shipped questions, vanilla and with an unlearning-sized adapter,
     each in one simulated request of two batches, token for token against prompts.greedy_generate on the same
