@@ -208,6 +208,7 @@ def behaviour(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None
     weights and the adapter applied there; the same scores, in the same batches.
     """
     from . import metrics
+    from .generation import Hosted
     from .unlearning import UnlearnConfig
 
     for method in methods:  # the settings of every method, before the vanilla answers are generated
@@ -222,6 +223,14 @@ def behaviour(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None
     if remote:
         common["computed"] = _PLACE[remote]
     vanilla_model: list = []  # loaded on first need
+
+    def vanilla_loaded():
+        """(model, tokenizer) of the vanilla model, made once: a generation.Hosted when remote (its requests serve
+        the unlearned models too, with their adapters)."""
+        if not vanilla_model:
+            vanilla_model.append((hosted(model, remote)[0], models.load_tokenizer(model)) if remote
+                                 else models.load(model))
+        return vanilla_model[0]
 
     def scores(m, tok, c, heldout, generate: bool, scored: list[int]) -> pd.DataFrame:
         rows = []
@@ -262,14 +271,12 @@ def behaviour(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None
             place = {"concept": c.content_hash(), "heldout": [h.content_hash() for h in heldout], "questions": scored}
 
             def vanilla_scores(c=c, heldout=heldout, scored=scored):
-                if not vanilla_model:
-                    vanilla_model.append((hosted(model, remote)[0], models.load_tokenizer(model)) if remote
-                                         else models.load(model))
-                return scores(*vanilla_model[0], c, heldout, generate=False, scored=scored)
+                return scores(*vanilla_loaded(), c, heldout, generate=False, scored=scored)
 
             def unlearned_scores(u=u, c=c, heldout=heldout, scored=scored):
-                if remote:  # the vanilla model of the requests with the run's adapter applied in them
-                    m, tok = hosted(model, remote, u.adapter())[0], models.load_tokenizer(model)
+                if remote:  # the vanilla model's requests with the run's adapter applied in them
+                    vanilla, tok = vanilla_loaded()
+                    m = Hosted(vanilla.lm, u.adapter(), remote)
                 else:
                     m, tok = u.load(shared=True)  # generation and perplexity leave it as it is
                 return scores(m, tok, c, heldout, generate=True, scored=scored)
