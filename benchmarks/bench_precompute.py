@@ -104,11 +104,24 @@ def run_version(name: str, src: Path, book_root: Path, args, seed: Path, work: P
 
 
 def entries(cache: Path, kind: str) -> dict:
-    """{canonical inputs: folder} of the complete entries of one kind."""
+    """{canonical inputs: folder} of the complete entries of one kind. An input that names another entry of the
+    cache by its key (a key includes the code's fingerprint, so two versions never share one) is replaced by that
+    entry's own inputs, so that the same artefact of both versions is matched."""
+    inputs = {meta.parent.name: json.loads(meta.read_text()).get("inputs")
+              for meta in cache.glob("*/*/inputs.json")}
+
+    def resolved(value, depth=0):
+        if isinstance(value, str) and value in inputs and depth < 8:
+            return {"entry": resolved(inputs[value], depth + 1)}
+        if isinstance(value, dict):
+            return {k: resolved(v, depth) for k, v in value.items()}
+        if isinstance(value, list):
+            return [resolved(v, depth) for v in value]
+        return value
+
     found = {}
     for meta in sorted((cache / kind).glob("*/inputs.json")):
-        record = json.loads(meta.read_text())
-        found[json.dumps(record.get("inputs"), sort_keys=True)] = meta.parent
+        found[json.dumps(resolved(inputs[meta.parent.name]), sort_keys=True)] = meta.parent
     return found
 
 

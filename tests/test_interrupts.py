@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from dissect_unlearning import cache, progress, versions
+from dissect_unlearning.unlearning import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -179,7 +180,7 @@ def launch(folder: Path, *args, **env) -> subprocess.Popen:
         script.write_text(HARNESS)
         (folder / "marks").mkdir(exist_ok=True)
     full = {**os.environ, cache.CACHE_ENV: str(folder / "cache"), "PINNED_PACKAGE_HASH": versions.package_hash(),
-            "MARKS": str(folder / "marks"), "TESTS": str(TESTS),
+            "MARKS": str(folder / "marks"), "TESTS": str(TESTS), trainer.CHECKPOINT_SECONDS_ENV: "0",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])),
             **{k: str(v) for k, v in env.items()}}
     for name in (cache.LOCK_TIMEOUT_ENV, cache.BUILD_LOG_ENV):

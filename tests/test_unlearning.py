@@ -272,6 +272,44 @@ def test_trainer_records_the_curve_and_trains_only_the_chosen_parameters():
     assert mlp and all(".mlp." in n for n in mlp)
 
 
+def test_periodic_checkpoints_wait_for_their_time_and_bad_settings_are_named(tmp_path, monkeypatch):
+    from conftest import make_tiny_llama
+
+    written = []
+    monkeypatch.setattr(trainer, "write_checkpoint", lambda folder, state: written.append(state["step"]))
+
+    def run():
+        written.clear()
+        model, tok = make_tiny_llama()
+        cfg, data = tiny_data(tok, concepts.parse(records(), "test"), steps=5, lr=1e-3)
+        trainer.train(model, tok, data, cfg, progress=False, checkpoint=tmp_path / "ck")
+        return list(written)
+
+    monkeypatch.delenv(trainer.CHECKPOINT_SECONDS_ENV, raising=False)
+    assert trainer.checkpoint_seconds() == trainer.CHECKPOINT_SECONDS > 0
+    assert run() == []  # a run shorter than CHECKPOINT_SECONDS is not worth a checkpoint
+    monkeypatch.setenv(trainer.CHECKPOINT_SECONDS_ENV, "0")
+    assert run() == [2, 4]  # every CHECKPOINT_EVERY steps, never after the last one
+    monkeypatch.setenv(trainer.CHECKPOINT_SECONDS_ENV, "soon")
+    with pytest.raises(ValueError, match=f"{trainer.CHECKPOINT_SECONDS_ENV} must be a number of seconds >= 0, "
+                                         f"got 'soon'"):
+        run()
+
+
+def test_a_tokenizer_is_loaded_once_per_process_and_again_when_its_files_change(tiny_checkpoint):
+    import os
+    from pathlib import Path
+
+    from dissect_unlearning import models
+
+    first = models.load_tokenizer(str(tiny_checkpoint))
+    assert models.load_tokenizer(str(tiny_checkpoint)) is first
+    config = Path(tiny_checkpoint) / "tokenizer_config.json"
+    os.utime(config, ns=(config.stat().st_atime_ns, config.stat().st_mtime_ns + 10**9))
+    again = models.load_tokenizer(str(tiny_checkpoint))
+    assert again is not first and again.padding_side == "left" and again.pad_token is not None
+
+
 # ---------------------------------------------------------------------------------------------------- storage
 @pytest.mark.parametrize("encoding, order", [("zigzag", True), ("zigzag", False), ("xor", True)])
 def test_delta_storage_is_bit_exact_and_logits_are_unchanged(tmp_path, encoding, order):

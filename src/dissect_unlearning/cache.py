@@ -89,6 +89,12 @@ def _keyed(kind: str, inputs: dict) -> dict:
             "libraries": _versions.library_versions()}
 
 
+def content_hash(obj) -> str:
+    """A hash of a value alone (not of the code), to stand for a large input inside another entry's inputs: two
+    versions of the package that read the same value name it alike (a key also hashes the code)."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:24]
+
+
 def key(kind: str, inputs: dict) -> str:
     """Hex key of an artefact of `kind` determined by `inputs`, the package's source and the library versions."""
     return hashlib.sha256(canonical_json(_keyed(kind, inputs)).encode()).hexdigest()[:24]

@@ -432,15 +432,35 @@ def resolve(name_or_path: str) -> tuple[str, Path | str]:
                      f"not an existing checkpoint folder, and not a Hugging Face id of the form 'owner/name'")
 
 
+# Tokenizers loaded in this process, by folder (and the state of its files): a task asks for its model's tokenizer
+# at every stage, and loading one costs 0.4 s (15 s of a typical build task before it was remembered).
+_TOKENIZERS: dict = {}
+
+
 def load_tokenizer(name_or_path: str):
+    """The model's tokenizer, prepared for left-padded batches (prepare_tokenizer). Loaded once per process and
+    shared by every caller: treat it as read-only (a changed file of a local folder loads it again)."""
     from transformers import AutoTokenizer
 
     kind, where = resolve(name_or_path)
+    key = (kind, str(where), _files_state(where) if kind != "hub" else None)
+    if key in _TOKENIZERS:
+        return _TOKENIZERS[key]
     try:
         tok = AutoTokenizer.from_pretrained(str(where))
     except Exception as exc:  # noqa: BLE001 - re-raised with what to fix
         raise ModelError(f"cannot load the tokenizer of {name_or_path!r} from {where}: {exc}") from exc
-    return prepare_tokenizer(tok)
+    _TOKENIZERS[key] = tok = prepare_tokenizer(tok)
+    return tok
+
+
+def _files_state(folder) -> tuple:
+    """(name, size, mtime) of each file of a folder: what a reload depends on."""
+    try:
+        return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(folder)
+                            if e.is_file()))
+    except OSError:
+        return ()
 
 
 def prepare_tokenizer(tok):

@@ -219,7 +219,7 @@ def behaviour(model: str = models.DEFAULT_MODEL, concepts="builtin", select=None
     van = answers(model, chosen, prompt_format=fmt, progress=progress, remote=remote)
     expected = {q: alts for c in cset if c.answers for q, alts in zip(c.questions, c.answers)}
     common = {"model": models.identity(model), "prompt_format": fmt,
-              "expected": cache.key("expected", expected), "max_new_tokens": 30}
+              "expected": cache.content_hash(expected), "max_new_tokens": 30}
     if remote:
         common["computed"] = _PLACE[remote]
     vanilla_model: list = []  # loaded on first need

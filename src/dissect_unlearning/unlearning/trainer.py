@@ -26,10 +26,16 @@ from .config import UnlearnConfig
 
 
 CHECKPOINT_EVERY = 2  # steps between checkpoints of a run given a checkpoint folder
+# ... and at least this many seconds of training since the last one (or the start). Writing the default model's
+# state (1.6 GB) takes 5-6 s, 10% of its 5-step run, to protect at most 2 minutes of work: short runs write none, a
+# run of slow steps (a larger model) still writes one every CHECKPOINT_EVERY steps. The environment variable
+# overrides it (0: every CHECKPOINT_EVERY steps, as the interruption tests want).
+CHECKPOINT_SECONDS = 120.0
+CHECKPOINT_SECONDS_ENV = "DISSECT_UNLEARNING_CHECKPOINT_SECONDS"
 CHECKPOINT_FILE = "state.pt"
 # An interrupted run writes a checkpoint of its last complete step only when that is quick: writing one delays the
 # stop, by 5-7 s for the default model (1.6 GB of weights and optimiser state, two workers writing at once). A larger
-# run loses the steps since its last periodic checkpoint instead (at most CHECKPOINT_EVERY - 1).
+# run loses the steps since its last periodic checkpoint instead.
 INTERRUPT_CHECKPOINT_BYTES = 256 * 2**20
 
 
@@ -137,7 +143,8 @@ def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, prog
     weights stay vanilla and the result's `adapter` holds what was learnt (adapter.py).
 
     `checkpoint`: a folder for the run's state (trained weights, optimiser, scheduler, RNG, step, loss curve),
-    written atomically every CHECKPOINT_EVERY steps and, for a small state, when the run is interrupted (Ctrl-C,
+    written atomically every CHECKPOINT_EVERY steps once checkpoint_seconds() of training have passed since the
+    last one, and, for a small state, when the run is interrupted (Ctrl-C,
     SIGTERM). A run given a folder that holds the state of this very run (same settings, data and trained
     parameters) resumes from it and ends with the weights an uninterrupted run would have had, bit for bit on a
     CPU. Its name must be unique to the run (artefact.build keys it by the cache key); the caller removes it once
@@ -202,6 +209,8 @@ def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, prog
     # worth saving, and the last checkpoint stands.
     done = saved["step"] if saved is not None else 0
     saved_step = done
+    every_seconds = checkpoint_seconds()
+    saved_at = time.time()
     rng = _rng_state()
     updating = False
     # A backward pass is one long call into C++, during which Python runs no signal handler: Ctrl-C or SIGTERM
@@ -243,9 +252,10 @@ def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, prog
                     updating = False
                     bar.set_postfix(forget=f"{row['forget_loss']:.2f}", retain=f"{row['retain_loss']:.2f}",
                                     loss=f"{row['loss']:.2f}")
-                    if checkpoint is not None and step % CHECKPOINT_EVERY == 0 and step < n_steps:
+                    if (checkpoint is not None and step % CHECKPOINT_EVERY == 0 and step < n_steps
+                            and time.time() - saved_at >= every_seconds):
                         save(step, rng)
-                        saved_step = step
+                        saved_step, saved_at = step, time.time()
             except KeyboardInterrupt:
                 state_bytes = 3 * sum(p.numel() * p.element_size() for p in params)  # weights + two AdamW moments
                 if (checkpoint is not None and not updating and done > saved_step
@@ -269,6 +279,20 @@ def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, prog
                 t.grad = None
     return TrainResult(curve, time.time() - t0, n_steps, len(data.forget), sum(p.numel() for p in params),
                        data.forget_concept, data.retain_concept, ref_seconds, lora)
+
+
+def checkpoint_seconds() -> float:
+    """The least training time between two periodic checkpoints: CHECKPOINT_SECONDS, or the environment's value."""
+    raw = os.environ.get(CHECKPOINT_SECONDS_ENV)
+    if raw is None or raw == "":
+        return CHECKPOINT_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{CHECKPOINT_SECONDS_ENV} must be a number of seconds >= 0, got {raw!r}")
+    return value
 
 
 def discard_checkpoint(checkpoint: Path) -> None:
