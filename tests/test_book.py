@@ -286,7 +286,8 @@ def test_a_failure_side_by_side_names_the_chapter(tmp_path):
 @pytest.fixture(scope="module")
 def smoke_book(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke-book")
-    first = book.build("smoke", root=ROOT, output=out, verbose=False)
+    # two at a time, as `make book` runs (JOBS=2): the precompute's second phase and the chapters side by side
+    first = book.build("smoke", root=ROOT, output=out, verbose=False, jobs=2)
     # nothing changed: every chapter is reused; --only keeps the other pages of the last build
     second = book.build("smoke", root=ROOT, output=out, verbose=False)
     only = book.build("smoke", only=["2"], root=ROOT, output=out, verbose=False)

@@ -296,6 +296,32 @@ def test_periodic_checkpoints_wait_for_their_time_and_bad_settings_are_named(tmp
         run()
 
 
+def test_no_step_holds_the_last_steps_gradients_through_its_forward_pass(monkeypatch):
+    """The gradients are freed as soon as the optimiser has used them: a forward pass that held them would need a
+    model's size more memory at its peak (1 GB for Gemma 3 270M)."""
+    from conftest import make_tiny_llama
+
+    from dissect_unlearning.unlearning import methods
+
+    model, tok = make_tiny_llama()
+    cfg, data = tiny_data(tok, concepts.parse(records(), "test"), steps=3, lr=1e-3)
+    method = methods.get(cfg.method)
+    held = []
+    real = method.loss
+
+    def spying(m, *args, **kwargs):
+        held.append(sum(p.grad is not None for p in m.parameters()))
+        return real(m, *args, **kwargs)
+
+    import dataclasses
+
+    spied = dataclasses.replace(method, loss=spying)
+    monkeypatch.setattr(methods, "get", lambda name: spied)
+    result = trainer.train(model, tok, data, cfg, progress=False)
+    assert len(held) == 3 and held == [0, 0, 0], held
+    assert result.loss_curve[-1]["forget_loss"] > result.loss_curve[0]["forget_loss"]  # and it still unlearns
+
+
 def test_a_tokenizer_is_loaded_once_per_process_and_again_when_its_files_change(tiny_checkpoint):
     import os
     from pathlib import Path

@@ -142,6 +142,7 @@ def relearn(model, tok, train: list, checkpoints, evaluate: Callable[[object, in
                     optimiser.zero_grad(set_to_none=True)
                     loss.backward()
                 optimiser.step()
+                optimiser.zero_grad(set_to_none=True)  # spent: not held through the next forward pass
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.2f}")

@@ -242,6 +242,9 @@ def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, prog
                                  if config.max_grad_norm else math.nan)
                     updating = True
                     optimiser.step()
+                    # The gradients are spent: freed now, not at the next step's zero_grad, so that the next forward
+                    # pass does not hold them (a model's size less at its peak: Gemma 3 270M, 1 GB)
+                    optimiser.zero_grad(set_to_none=True)
                     scheduler.step()
                     row = {"step": step, "loss": losses.loss.item(), "forget_loss": _item(losses.forget_nll),
                            "retain_loss": _item(losses.retain_nll), "lr": lr, "grad_norm": grad_norm,
