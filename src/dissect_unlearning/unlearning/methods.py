@@ -63,6 +63,10 @@ class Method:
 #                         of 1.5 at 1.2e-5 the unrelated answers fare worse)
 #   grad_ascent lr 1e-5:  0.339 / 0.572  forgets, unrelated short by 0.03 (7e-6: 0.383 / 0.731)
 #   idk_dpo    lr 6e-6, retain 3: 0.383 / 0.586  neither (4e-6: 0.446 / 0.679; 1e-5, retain 1: refuses everything)
+# Those scores were of questions the models had trained on. Measured again on the tuning concepts the book does not
+# report on, scored on held-out questions (docs/tuning.md), no rate forgets selectively: grad_diff at 2.5e-5 / 5e-5 /
+# 1e-4 gives 0.705 / 0.738, 0.553 / 0.600, 0.412 / 0.383 (target / unrelated), dpo 0.726 / 0.738, npo 0.712 / 0.600;
+# so the rates are kept, and chapter 3 reports what they do.
 # Where a method misses, the default favours forgetting (the object of study) and the book shows the side effects.
 # Concepts differ a lot: France is forgotten at any of these settings and takes many of its unrelated questions with
 # it (8 of its 20 ask about other countries); Harry Potter and The Lord of the Rings resist.
