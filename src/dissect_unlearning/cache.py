@@ -34,7 +34,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import versions as _versions
+from . import validate, versions as _versions
 
 CACHE_ENV = "DISSECT_UNLEARNING_CACHE"
 # When set, every artefact built (not found) appends "<kind> <key>" to this file: how a build learns what its
@@ -296,14 +296,8 @@ def atomic_folder(dest: Path) -> Iterator[Path]:
 # --------------------------------------------------------------------------------------------------------------------
 def lock_timeout() -> float:
     """Seconds to wait for a lock: $DISSECT_UNLEARNING_LOCK_TIMEOUT, else two hours."""
-    text = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
-    if not text:
-        return DEFAULT_LOCK_TIMEOUT
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value >= 0:
+    value, text = validate.seconds_from_env(LOCK_TIMEOUT_ENV, DEFAULT_LOCK_TIMEOUT)
+    if math.isnan(value):
         raise CacheError(f"{LOCK_TIMEOUT_ENV}={text!r}: expected a number of seconds (0 or more, or inf)")
     return value
 

@@ -149,3 +149,16 @@ def one_line(exc: BaseException) -> str:
     if isinstance(exc, KeyError) and exc.args:
         return str(exc.args[0])
     return str(exc)
+
+
+def seconds_from_env(name: str, default: float) -> tuple[float, str]:
+    """(seconds, the raw text) of the environment variable `name`: `default` when it is unset or blank, NaN when it
+    is not a number >= 0 (the caller says so in its own words)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default, text
+    try:
+        value = float(text)
+    except ValueError:
+        return math.nan, text
+    return (value if value >= 0 else math.nan), text

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .. import cache, models, progress as dissect_progress, prompts
+from .. import cache, models, progress as dissect_progress, prompts, validate
 from . import adapter as adapter_mod, data as data_mod, methods
 from .config import UnlearnConfig
 
@@ -286,14 +286,8 @@ def train(model, tok, data: data_mod.UnlearningData, config: UnlearnConfig, prog
 
 def checkpoint_seconds() -> float:
     """The least training time between two periodic checkpoints: CHECKPOINT_SECONDS, or the environment's value."""
-    raw = os.environ.get(CHECKPOINT_SECONDS_ENV)
-    if raw is None or raw == "":
-        return CHECKPOINT_SECONDS
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
+    value, raw = validate.seconds_from_env(CHECKPOINT_SECONDS_ENV, CHECKPOINT_SECONDS)
+    if not math.isfinite(value):
         raise ValueError(f"{CHECKPOINT_SECONDS_ENV} must be a number of seconds >= 0, got {raw!r}")
     return value
 
