@@ -3,8 +3,8 @@
     python scripts/list_verdicts.py [BUILD_FOLDER]      # default: _build
 
 Reads the executed chapters of the build (<BUILD_FOLDER>/book/notebooks/*.ipynb) and prints every verdict glued by
-book.glue_verdict (a name with a `<name>_answer` beside it), in chapter order: what a reader sees at a glance,
-and what a change's note compares before and after.
+book.glue_verdict (a name with `<name>_answer` and `<name>_status` beside it), in chapter order: what a reader
+sees at a glance, and what a change's note compares before and after.
 """
 from __future__ import annotations
 
@@ -39,7 +39,10 @@ def main() -> None:
         raise SystemExit(f"no executed chapters under {build / 'book' / 'notebooks'}: build the book first")
     for nb in notebooks:
         values = glued(nb)
-        for name in [n[:-len("_answer")] for n in values if n.endswith("_answer")]:
+        # book.glue_verdict glues `<name>_answer` and `<name>_status` side by side; a chapter's other glued values
+        # (a lab's `n_answer`, say) are not verdicts.
+        names = [n[:-len("_answer")] for n in values if n.endswith("_answer")]
+        for name in [n for n in names if n + "_status" in values]:
             print(f"{nb.stem} / {name}: {values[name + '_answer']} - {values.get(name, '')}")
 
 
