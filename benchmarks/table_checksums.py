@@ -18,6 +18,8 @@ import math
 from pathlib import Path
 
 from bench_precompute import KINDS, entries
+from dissect_unlearning import cache as artefacts
+from dissect_unlearning.unlearning import adapter, storage
 
 
 def _plain(value):
@@ -44,10 +46,10 @@ def digests(cache: Path, kind: str) -> dict[str, str]:
     """{resolved inputs (JSON): content digest} of one kind's complete entries."""
     out = {}
     for inputs, folder in entries(cache, kind).items():
-        if not (folder / ".complete").exists():
+        if not (folder / artefacts.COMPLETE).exists():
             continue
         if kind == "unlearned":  # a full fine-tune stores a delta, a LoRA fine-tune an adapter: each names its sha256
-            (manifest,) = [folder / name for name in ("delta.json", "adapter.json") if (folder / name).exists()]
+            (manifest,) = [folder / name for name in (storage.MANIFEST, adapter.MANIFEST) if (folder / name).exists()]
             out[inputs] = json.loads(manifest.read_text())["sha256"]
         else:
             (table,) = list(folder.glob("*.parquet"))
