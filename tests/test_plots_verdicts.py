@@ -332,6 +332,30 @@ def test_relearning_recovers_three_ways():
         verdicts.relearning_recovers(t.drop(columns=["step"]))
 
 
+def test_relearning_recovers_resamples_questions():
+    # One concept, per-question scores: the questions are resampled (paired across the two ends), so the verdict has
+    # an interval; without them one concept leaves nothing to resample
+    partial = never_known_tables(0.7, 0.0, concepts=("A",), questions=6, noise=0.05)[0]
+    yes = verdicts.relearning_recovers(partial, data="partial")
+    lo, hi = yes.interval
+    assert yes.holds is True and 0.5 <= lo <= yes.estimate <= hi < 1.5, yes.sentence
+    assert "bootstrap over questions (one concept)" in yes.sentence
+    # (0.2 + 0.7 - 0.2) / (1 - 0.2) of the gap, about 0.875, from the per-question means
+    assert yes.estimate == pytest.approx(0.7 / 0.8, abs=0.08)
+    noisy = never_known_tables(0.4, 0.0, concepts=("A",), questions=6, noise=0.25)[0]
+    unclear = verdicts.relearning_recovers(noisy, data="partial")
+    assert unclear.status == UNDECIDED and np.isfinite(unclear.interval).all(), unclear.sentence
+    small = verdicts.relearning_recovers(never_known_tables(0.1, 0.0, concepts=("A",), questions=6)[0], data="partial")
+    assert small.holds is False and small.interval[1] < 0.5
+    means = partial.drop(columns=["questions", "per_question"])
+    assert verdicts.relearning_recovers(means, data="partial").status == UNDECIDED
+    # The band of the chart resamples the questions too
+    spec = plots.relearning_curves(partial).to_dict()
+    values = pd.DataFrame(next(iter(spec["datasets"].values())))
+    last = values[(values.step == 4) & (values.pick_concept == "A")]
+    assert (last.hi > last.lo).all() and "bootstrap over concepts and questions" in json.dumps(spec)
+
+
 def test_relearning_beyond_never_known_three_ways():
     yes = verdicts.relearning_beyond_never_known(*never_known_tables(0.5, 0.05), claim="beyond_relearn_never_known")
     assert yes.claim.source == "this book" and yes.evidence["never_known"] == "Orlethia"

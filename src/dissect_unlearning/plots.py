@@ -133,9 +133,11 @@ def _picks(df: pd.DataFrame, fields) -> list[dict]:
     return combos
 
 
-def _with_intervals(df: pd.DataFrame, value: str, by, fields, pairs, question) -> pd.DataFrame:
+def _with_intervals(df: pd.DataFrame, value: str, by, fields, pairs, question, each: str | None = None
+                    ) -> pd.DataFrame:
     """Mean of `value` per `by` with its 95% interval, for every drop-down choice of `fields`: the columns
-    pick_<field> (ALL or a value) say which rows a choice shows."""
+    pick_<field> (ALL or a value) say which rows a choice shows. `each`: a column of `by` bootstrapped one value at
+    a time (uncertainty.mean_by); an 'experiment' column always is."""
     parts = []
     for combo in _picks(df, fields):
         sub = df
@@ -144,8 +146,8 @@ def _with_intervals(df: pd.DataFrame, value: str, by, fields, pairs, question) -
                 sub = sub[sub[field] == v]
         if sub.empty:
             continue
-        each = "experiment" if "experiment" in by else None
-        out = uncertainty.mean_by(sub, value, by, pairs, question, each=each)
+        out = uncertainty.mean_by(sub, value, by, pairs, question,
+                                  each=each or ("experiment" if "experiment" in by else None))
         parts.append(out.assign(**{f"pick_{f}": v for f, v in combo.items()}))
     # Four decimals are more than a chart shows, and keep the page's embedded table small.
     return pd.concat(parts, ignore_index=True).round({"mean": 4, "lo": 4, "hi": 4})
@@ -497,7 +499,9 @@ def relearning_curves(relearn: pd.DataFrame, metric: str = "rougeL",
                       control: pd.DataFrame | None = None) -> alt.Chart:
     """Target-question score against relearning steps (0 = the unlearned model), one line per method and one panel
     per kind of relearning data, with the 95% interval of the mean over concepts as a band (a bootstrap over
-    concepts; the table has no question level); a drop-down picks a concept (default: the mean over concepts).
+    concepts and, within each, the scored questions, from the per-question scores pipeline.relearn keeps; each kind
+    of data on its own questions; a table without them is resampled over concepts only); a drop-down picks a concept
+    (default: the mean over concepts).
 
     `relearn`: pipeline.relearn() rows (method, concept, data, step, split, metric, value), concatenated.
     `control`: the never-known control's rows (study.relearn_control()), a panel of their own beside 'partial':
@@ -515,8 +519,15 @@ def relearning_curves(relearn: pd.DataFrame, metric: str = "rougeL",
     if df.empty:
         raise ValueError(f"relearning_curves: no rows for metric {metric!r}; the table has "
                          f"{', '.join(map(str, relearn['metric'].unique()))}")
-    df = df.groupby(["method", "concept", "data", "step"], sort=False)["value"].mean().reset_index()
-    df = _with_intervals(df, "value", ["method", "data", "step"], ["concept"], ("concept",), None)
+    by_question = {"questions", "per_question"} <= set(df.columns) and df["per_question"].notna().all()
+    if by_question:  # one row per scored question, so that the band resamples questions too
+        df = pd.DataFrame([(r.method, r.concept, r.data, r.step, int(q), float(v)) for r in df.itertuples(index=False)
+                           for q, v in zip(r.questions, r.per_question)],
+                          columns=["method", "concept", "data", "step", "question_index", "value"])
+    else:
+        df = df.groupby(["method", "concept", "data", "step"], sort=False)["value"].mean().reset_index()
+    df = _with_intervals(df, "value", ["method", "data", "step"], ["concept"], ("concept",),
+                         "question_index" if by_question else None, each="data")
     df = df.rename(columns={"pairs": "concepts"})
     df["method_label"] = df["method"].map(method_label)
     df["data_label"] = df["data"].map(lambda d: RELEARN_DATA_LABELS.get(d, d))
@@ -538,7 +549,8 @@ def relearning_curves(relearn: pd.DataFrame, metric: str = "rougeL",
     data_kinds = list(dict.fromkeys(df["data_label"]))
     return layered.properties(width=300, height=240).facet(
         column=alt.Column("data_label:N", title="relearned on", sort=data_kinds),
-        title=_interval_title(title, "bootstrap over concepts (no interval for one concept)"))
+        title=_interval_title(title, "bootstrap over concepts and questions" if by_question
+                              else "bootstrap over concepts (no interval for one concept)"))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -690,10 +690,11 @@ def _pair_scores(behaviour: pd.DataFrame, split: str, metric: str) -> pd.DataFra
     return pd.concat([vanilla, unl.assign(stage="unlearned")], ignore_index=True)
 
 
-def _per_method(pairs: pd.DataFrame, columns: str, n_boot: int, seed: int):
+def _per_method(pairs: pd.DataFrame, columns: str, n_boot: int, seed: int, question: str | None = None):
     """{method: (estimates {column value: mean}, draws {column value: [B]})} over concepts, and what was resampled.
-    Concepts are resampled together for all methods (the same draws), so method comparisons stay paired."""
-    rep = uncertainty.replicate_means(pairs, "value", ["method", columns], ("concept",), None, n_boot=n_boot,
+    Concepts are resampled together for all methods (the same draws), so method comparisons stay paired; with a
+    `question` column, so are the questions within each drawn concept."""
+    rep = uncertainty.replicate_means(pairs, "value", ["method", columns], ("concept",), question, n_boot=n_boot,
                                       seed=seed)
     out = {}
     for i, key in rep.keys.iterrows():
@@ -897,9 +898,11 @@ def relearning_recovers(relearn: pd.DataFrame, data: str = "unrelated", min_reco
     for every method: (score after the last step - unlearned score) / (vanilla - unlearned score), concept means
     averaged per method. `vanilla` is the vanilla model's score (ROUGE-L of the vanilla answer against itself: 1).
 
-    The statistic is the weakest method's share won back (the minimum over methods, recomputed in every resample);
-    the relearning table has no question level, so the 95% interval is a bootstrap over (method, concept) pairs.
-    Holds when the whole interval is at or above `min_recovered`, does not hold when it is entirely below;
+    The statistic is the weakest method's share won back (the minimum over methods, recomputed in every resample).
+    Its 95% interval is a bootstrap over concepts (the same draws for every method) and, within each drawn concept,
+    over the scored questions (the per-question scores pipeline.relearn keeps; the same question draws at both ends,
+    so the gain is paired); a table without them is resampled over concepts only, and one concept then leaves no
+    interval. Holds when the whole interval is at or above `min_recovered`, does not hold when it is entirely below;
     inconclusive when there are no rows or unlearning removed nothing.
     """
     require_columns(relearn, ["method", "concept", "data", "step", "metric", "value"], "relearning_recovers")
@@ -912,7 +915,11 @@ def relearning_recovers(relearn: pd.DataFrame, data: str = "unrelated", min_reco
         return _undecided(c, f"No relearning rows for data {data!r} and metric {metric!r}.")
     first, last = int(df["step"].min()), int(df["step"].max())
     ends = df[df["step"].isin([first, last])]
-    per, rep = _per_method(ends, "step", n_boot, seed)
+    if {"questions", "per_question"} <= set(ends.columns):
+        ends = _per_question_rows(ends, ["method", "concept", "step"])
+        per, rep = _per_method(ends, "step", n_boot, seed, QUESTION)
+    else:
+        per, rep = _per_method(ends, "step", n_boot, seed)
 
     def recovered(start, end):
         removed = vanilla - np.asarray(start, dtype=float)
@@ -934,6 +941,14 @@ def relearning_recovers(relearn: pd.DataFrame, data: str = "unrelated", min_reco
             f"method ({weakest}) wins back {with_interval(est, interval, '.0%', '')}, "
             f"{_against(status, interval, threshold, 'at least', '.0%')}.")
     return _verdict(c, status, est, interval, evidence, body, _interval_words(rep), ".0%")
+
+
+def _per_question_rows(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """One row per scored question (columns keys..., question_index, value) from pipeline.relearn's rows, which keep
+    each checkpoint's question indices and per-question scores as lists."""
+    rows = [(*(getattr(r, k) for k in keys), int(q), float(v)) for r in table.itertuples(index=False)
+            for q, v in zip(r.questions, r.per_question)]
+    return pd.DataFrame(rows, columns=[*keys, QUESTION, "value"])
 
 
 NEVER_KNOWN = "never_known"  # the relearning data of the never-known control (unlearning.relearn.CONTROL)
