@@ -182,6 +182,7 @@ def test_training_stages_run_first_one_task_at_a_time_then_the_rest(monkeypatch)
     todo = precompute.tasks(plan())
     calls = []
     monkeypatch.setattr(precompute, "run_tasks", lambda ts, jobs, *a, **k: calls.append((ts, jobs, k)) or [])
+    monkeypatch.setattr(precompute, "worker_memory_gb", lambda model: 1.0)  # every worker fits beside another
     precompute.run(plan(), jobs=2, verbose=False)
     (training, one, kw1), (rest, two, kw2) = calls
     assert one == 1 and kw1.get("phase") == "training" and two == 2
@@ -194,6 +195,42 @@ def test_training_stages_run_first_one_task_at_a_time_then_the_rest(monkeypatch)
         {(t.model, t.concept, t.method, t.context): sorted(map(repr, t.requests)) for t in todo}
     hp = [t for t in training if (t.concept, t.method) == ("Harry Potter", "dpo") and main_variant(t)][0]
     assert hp.stages == ["unlearned", "relearn", "relearn", "relearn"]  # relearning and its control train too
+
+
+def test_a_larger_models_tasks_run_alone_when_two_workers_would_not_fit(monkeypatch):
+    """Memory: the second phase holds two workers; a model whose two workers would pass the budget (Gemma's sweeps)
+    runs its tasks first, one at a time, and the rest still run two at a time."""
+    prof = book.load_profile("default", ROOT).parameters
+    main, second = prof.get("model", "smollm2-135m"), prof["second_model"]
+    sizes = {main: 2.7, second: 5.4}  # GB per worker, about what the cold default build measured
+    monkeypatch.setattr(precompute, "worker_memory_gb", lambda model: sizes.get(model))
+    calls = []
+    monkeypatch.setattr(precompute, "run_tasks", lambda ts, jobs, *a, **k: calls.append((ts, jobs, k)) or [])
+    precompute.run(plan(), jobs=2, verbose=False)
+    (training, j1, _), (alone, j2, kw2), (rest, j3, kw3) = calls
+    assert (j1, j2, j3) == (1, 1, 2) and kw2.get("phase") == "one at a time" and kw3.get("phase") is None
+    assert alone and {t.model for t in alone} == {second} and {t.model for t in rest} == {main}
+    # Nothing is lost or run twice: the two parts are the second phase's tasks, in their order
+    second_phase = [t.split()[1] for t in precompute.tasks(plan()) if t.split()[1] is not None]
+    assert [t.label for t in alone + rest] == [t.label for t in second_phase if t.model == second] + \
+        [t.label for t in second_phase if t.model == main]
+    # One worker, a budget both fit in, or an unknown size: nothing is held back
+    todo = second_phase
+    assert precompute.split_by_memory(todo, 1)[0] == []
+    assert precompute.split_by_memory(todo, 2, memory_gb=11.0)[0] == []
+    sizes[second] = None
+    assert precompute.split_by_memory(todo, 2)[0] == []
+
+
+def test_worker_memory_reads_the_checkpoints_size(tiny_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    from dissect_unlearning import models
+
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_checkpoint).parameters())
+    assert models.parameter_count(tiny_checkpoint) == n
+    assert precompute.worker_memory_gb(tiny_checkpoint) == pytest.approx(precompute.WORKER_WEIGHT_MULTIPLE * 4 * n / 1e9)
+    assert models.parameter_count("owner/not-here") is None and precompute.worker_memory_gb("owner/not-here") is None
 
 
 def test_each_task_runs_in_a_process_of_its_own():

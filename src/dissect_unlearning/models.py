@@ -688,12 +688,22 @@ def describe(name: str) -> dict:
         cfg = json.loads((provisioned_path(name) / "config.json").read_text())
         cfg = cfg.get("text_config", cfg)
         row["layers"] = cfg.get("num_hidden_layers")
-        row["parameters"] = _count_params(provisioned_path(name))
+        row["parameters"] = parameter_count(name)
     elif importlib.util.find_spec(spec.package) is None:
         row["status"] = f"missing package: {spec.install}"
     else:
         row["status"] = "not provisioned yet (provisioned on first use, or: dissect-unlearning models --provision NAME)"
     return row
+
+
+def parameter_count(name_or_path: str) -> int | None:
+    """How many parameters a model's checkpoint holds, read from its safetensors headers (no weights loaded, nothing
+    provisioned or downloaded); None when that cannot be known here (a hub id, a registry model not provisioned yet,
+    a checkpoint without safetensors)."""
+    if name_or_path in REGISTRY:
+        return _count_params(provisioned_path(name_or_path)) if is_provisioned(name_or_path) else None
+    path = Path(name_or_path).expanduser()
+    return _count_params(path) if (path / "config.json").is_file() else None
 
 
 def _count_params(folder: Path) -> int | None:
@@ -710,4 +720,4 @@ def _count_params(folder: Path) -> int | None:
                 for s in shape:
                     n *= s
                 total += n
-    return total
+    return total or None

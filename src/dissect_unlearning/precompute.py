@@ -13,7 +13,8 @@ Memory decides the order. A training stage (unlearning, relearning) holds the we
 optimiser moments: four copies of the model, the build's high-water mark. So the build runs in two phases: first
 every task's training stages, one task at a time with every core (the same weights bit for bit as with one thread:
 tests/test_precompute.py), then the rest, `jobs` at a time. Each task runs in a new worker process, whose memory
-goes back to the system when it ends.
+goes back to the system when it ends. A task of the second phase whose worker would not fit in the memory budget
+beside another one (a larger model: Gemma 3 270M's sweeps take 5.1 GB) runs alone, with every core, before the rest.
 """
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ STUDY_TAG = "study"  # the notebook cells whose calls are the chapter's plan
 # Rough seconds per stage on one core for the default model, only to start the longest tasks first.
 _COST = {"unlearned": 75, "behaviour": 20, "coef_change": 5, "relearn": 40, "answers": 20, "pass": 0.7}
 _LAYERS_GUESS = 30
+# The memory the whole build should stay within (GB), and what one worker of the second phase holds: the vanilla and
+# the unlearned model with their activations, about five times the model's float32 weights (measured in the cold
+# default build: 5.1 GB for Gemma 3 270M's sweep task, about 2.5 GB for a SmolLM2-135M task).
+MEMORY_BUDGET_GB = 6.0
+WORKER_WEIGHT_MULTIPLE = 5.0
 
 
 @dataclass
@@ -157,10 +163,12 @@ def run_task(t: Task, threads: int | None = None) -> dict:
     return {"label": t.label, "seconds": time.time() - t0, "stages": done, "error": error}
 
 
-def run(plan, jobs: int = 1, verbose: bool = True, log: Path | None = None) -> list[dict]:
+def run(plan, jobs: int = 1, verbose: bool = True, log: Path | None = None,
+        memory_gb: float = MEMORY_BUDGET_GB) -> list[dict]:
     """Run the tasks of `plan`: their training stages first, one task at a time with every core, then the rest,
     longest first, `jobs` worker processes at a time (each with cores/jobs torch threads), showing their progress on
-    the terminal and in `log` (see run_tasks)."""
+    the terminal and in `log` (see run_tasks). Of the rest, the tasks whose `jobs` workers would not fit in
+    `memory_gb` together (split_by_memory) run first, one at a time with every core."""
     if verbose:
         print(f"[book] precompute: planning {len(plan)} chapter(s) ...", flush=True)
     main = next((item[1].get("model") for item in plan if item[1].get("remote") is not True), None)
@@ -173,7 +181,33 @@ def run(plan, jobs: int = 1, verbose: bool = True, log: Path | None = None) -> l
             print(f"[book] precompute: training {len(training)} model(s) first, one at a time: a training run "
                   f"holds four copies of its model", flush=True)
         results += run_tasks(training, 1, verbose, log, main, phase="training")
-    return results + run_tasks(rest, jobs, verbose, log, main)
+    alone, shared = split_by_memory(rest, jobs, memory_gb)  # after training: every model is provisioned by now
+    if alone:
+        if verbose:
+            print(f"[book] precompute: {len(alone)} task(s) of a larger model first, one at a time: two of their "
+                  f"workers would not fit in {memory_gb:g} GB", flush=True)
+        results += run_tasks(alone, 1, verbose, log, main, phase="one at a time")
+    return results + run_tasks(shared, jobs, verbose, log, main)
+
+
+def worker_memory_gb(model: str) -> float | None:
+    """About what a second-phase worker of `model` holds (GB): WORKER_WEIGHT_MULTIPLE times its float32 weights;
+    None when its size cannot be read here (models.parameter_count)."""
+    from . import models
+
+    n = models.parameter_count(model)
+    return None if n is None else WORKER_WEIGHT_MULTIPLE * 4 * n / 1e9
+
+
+def split_by_memory(todo: list[Task], jobs: int, memory_gb: float = MEMORY_BUDGET_GB
+                    ) -> tuple[list[Task], list[Task]]:
+    """(tasks to run one at a time, the rest), in their order: with `jobs` workers, a task runs alone when `jobs` of
+    its workers would not fit in `memory_gb` (a model whose size is unknown is not held back)."""
+    if jobs <= 1:
+        return [], list(todo)
+    sizes = {m: worker_memory_gb(m) for m in dict.fromkeys(t.model for t in todo)}
+    big = {m for m, gb in sizes.items() if gb is not None and jobs * gb > memory_gb}
+    return [t for t in todo if t.model in big], [t for t in todo if t.model not in big]
 
 
 def run_tasks(todo: list[Task], jobs: int = 1, verbose: bool = True, log: Path | None = None,
