@@ -35,10 +35,10 @@ class UnlearnConfig:
     # in chunks), "qa" (its questions with the vanilla model's answers) or "text+qa". A run that trains on questions
     # trains on the first half of them only (trained_questions), and the book scores it on the other half: a
     # model is never scored on a sequence it was trained on.
-    # The default is "text+qa", not the paper's "text": on the default model, text alone at the default budget does
-    # not make the model forget its answers any more than the unrelated ones (measured on concepts the book does not
-    # report on, benchmarks/sweep_unlearning.py; the numbers are in docs/tuning.md), and chapter 3 shows the regimes
-    # side by side.
+    # The default is "text+qa", not the paper's "text": on the default model, text alone does not make the model
+    # forget its answers any more than the unrelated ones, at the default budget nor at two or four times its
+    # learning rate (measured on concepts the book does not report on, benchmarks/sweep_unlearning.py; the numbers
+    # are in docs/tuning.md), and chapter 3 shows the regimes side by side.
     forget_data: str = "text+qa"
     retain_qa: bool = True  # retain also the retain concept's questions with vanilla answers (never one that
     # the forget concept's unrelated questions contain: those are the test of what should be kept)
