@@ -241,3 +241,23 @@ def test_each_task_runs_in_a_process_of_its_own():
     assert len(set(pids)) == 3 and os.getpid() not in pids
     reused = [o.result for o in progress.run_jobs(jobs, 1, name="test", verbose=False)]
     assert len(set(reused)) == 1
+
+
+def test_task_labels_tell_apart_the_models_of_one_concept_and_method():
+    # chapter 3's regimes and the adapter are unlearned models of the same (concept, method): a progress line names
+    # the setting that makes each one different, and only that
+    def context(**unlearning):
+        return cache.canonical_json({"concept_set": "builtin", "unlearning": unlearning})
+
+    main = precompute.Task("m", "Harry Potter", "grad_diff", context())
+    text = precompute.Task("m", "Harry Potter", "grad_diff", context(forget_data="text"))
+    seed = precompute.Task("m", "Harry Potter", "grad_diff", context(seed=1))
+    alone = precompute.Task("m", "Austria", "grad_diff", context(lr=1e-5))
+    precompute._name_variants([main, text, seed, alone])
+    assert [t.label for t in (main, text, seed, alone)] == [
+        "m / Harry Potter / grad_diff", "m / Harry Potter / grad_diff / forget_data text",
+        "m / Harry Potter / grad_diff / seed 1", "m / Austria / grad_diff"]
+    text.add(study_mod.Request("unlearned", "m", "Harry Potter", "grad_diff", (), text.context))
+    text.add(study_mod.Request("behaviour", "m", "Harry Potter", "grad_diff", (), text.context))
+    training, rest = text.split()
+    assert training.label == rest.label == text.label

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import progress, study as study_mod
+from . import cache, progress, study as study_mod
 
 # Artefacts that cost real time; the chapters should find all of them built (see book.build).
 HEAVY_KINDS = ("unlearned", "behaviour", "sweep", "coef_change", "relearn")
@@ -60,18 +60,28 @@ class Task:
     def stages(self) -> list[str]:
         return [r.stage for r in self.requests]
 
+    # The unlearning settings that tell this task from the other tasks of its (model, concept, method), set by
+    # tasks(): a chapter 3 regime's forget_data, the adapter's params. Without them a progress line would name two
+    # different models alike.
+    variant: str = ""
+
     @property
     def label(self) -> str:
-        seed = json.loads(self.context).get("unlearning", {}).get("seed")
+        seed = self.settings.get("seed")
         return (f"{self.model}" + (f" / {self.concept} / {self.method}" if self.concept else " (vanilla answers)")
-                + (f" / seed {seed}" if seed else ""))
+                + (f" / {self.variant}" if self.variant else "") + (f" / seed {seed}" if seed else ""))
+
+    @property
+    def settings(self) -> dict:
+        """The unlearning settings of the task's context (the profile's, and a variant's changes to them)."""
+        return json.loads(self.context).get("unlearning") or {}
 
     def split(self) -> tuple["Task | None", "Task | None"]:
         """(its training stages, the rest) as two tasks of the same model; None where a part is empty."""
         parts = []
         for training in (True, False):
             t = Task(self.model, self.concept, self.method, self.context,
-                     [r for r in self.requests if (r.stage in TRAINING_STAGES) == training])
+                     [r for r in self.requests if (r.stage in TRAINING_STAGES) == training], self.variant)
             parts.append(t if t.requests else None)
         return parts[0], parts[1]
 
@@ -131,7 +141,23 @@ def tasks(plan) -> list[Task]:
                 if r.concept is not None:  # every other stage needs the unlearned model: train it first
                     found[key].add(study_mod.Request("unlearned", r.model, r.concept, r.method, (), r.context))
             found[key].add(r)
+    _name_variants(list(found.values()))
     return sorted(found.values(), key=lambda t: -t.estimate(main))  # longest first
+
+
+def _name_variants(tasks: list[Task]) -> None:
+    """Set each task's `variant`: the settings (seed apart, which the label shows itself) whose values differ among
+    the tasks of its (model, concept, method), as "name value" pairs, the ones it sets itself; empty for a task
+    on the profile's own settings."""
+    groups: dict = {}
+    for t in tasks:
+        groups.setdefault((t.model, t.concept, t.method), []).append(t)
+    for group in groups.values():
+        values = [{k: cache.canonical_json(v) for k, v in t.settings.items() if k != "seed"} for t in group]
+        names = sorted({k for v in values for k in v})
+        for t, mine in zip(group, values):
+            differ = [k for k in names if len({v.get(k) for v in values}) > 1 and k in mine]
+            t.variant = ", ".join(f"{k} {t.settings[k]}" for k in differ)
 
 
 def run_task(t: Task, threads: int | None = None) -> dict:
