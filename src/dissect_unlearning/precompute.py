@@ -154,10 +154,9 @@ def _name_variants(tasks: list[Task]) -> None:
         groups.setdefault((t.model, t.concept, t.method), []).append(t)
     for group in groups.values():
         values = [{k: cache.canonical_json(v) for k, v in t.settings.items() if k != "seed"} for t in group]
-        names = sorted({k for v in values for k in v})
-        for t, mine in zip(group, values):
-            differ = [k for k in names if len({v.get(k) for v in values}) > 1 and k in mine]
-            t.variant = ", ".join(f"{k} {t.settings[k]}" for k in differ)
+        differ = sorted(k for k in {k for v in values for k in v} if len({v.get(k) for v in values}) > 1)
+        for t in group:
+            t.variant = ", ".join(f"{k} {t.settings[k]}" for k in differ if k in t.settings)
 
 
 def run_task(t: Task, threads: int | None = None) -> dict:
